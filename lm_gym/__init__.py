@@ -1,0 +1,36 @@
+"""lm-gym: a causal language model as a Gymnasium environment.
+
+``import lm_gym`` registers ``LanguageModelEnv-v0``::
+
+    import gymnasium as gym
+    import lm_gym
+
+    env = gym.make("LanguageModelEnv-v0")           # embedded SmolLM2-135M-Instruct
+    env = gym.make("LanguageModelEnv-v0", model="tiny", max_new_tokens=16)
+"""
+
+import gymnasium
+
+from lm_gym.core import MultiTurn
+from lm_gym.env import LanguageModelEnv
+from lm_gym.models import ModelNotFoundError, cache_dir, load_model
+from lm_gym.rewards import FluencyReward, FunctionReward, Reward
+
+__version__ = "0.1.0"
+
+ENV_ID = "LanguageModelEnv-v0"
+
+if ENV_ID not in gymnasium.registry:
+    gymnasium.register(id=ENV_ID, entry_point="lm_gym.env:LanguageModelEnv")
+
+__all__ = [
+    "ENV_ID",
+    "FluencyReward",
+    "FunctionReward",
+    "LanguageModelEnv",
+    "ModelNotFoundError",
+    "MultiTurn",
+    "Reward",
+    "cache_dir",
+    "load_model",
+]

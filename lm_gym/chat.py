@@ -1,0 +1,62 @@
+"""Turning prompts and dialogue turns into token ids, with or without the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lm_gym.data.prompts import Prompt
+
+_SENTINELS = ("\u2460AGENT\u2460", "\u2461REPLY\u2461")
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer, prompt: Prompt, use_chat_template: bool) -> list[int]:
+    """Token ids of a prompt: chat-formatted with the generation prompt, or plain text with special tokens."""
+    if use_chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    if not isinstance(prompt, str):
+        raise ValueError("a chat message list needs use_chat_template=True and a tokenizer with a chat template")
+    return tokenizer(prompt).input_ids
+
+
+@dataclass(frozen=True)
+class TurnMarkers:
+    """Token ids placed between dialogue turns.
+
+    ``after_agent`` follows the agent's stop token and opens the other party's turn; ``after_reply``
+    closes the other party's turn and opens the agent's next one.
+    """
+
+    after_agent: list[int]
+    after_reply: list[int]
+
+
+def turn_markers(tokenizer, reply_role: str, use_chat_template: bool, stop_text: str) -> TurnMarkers:
+    """Derive the markers from the chat template by rendering a two-turn dialogue around sentinels.
+
+    Without a chat template, turns are separated by plain ``"\\n\\nUser: "`` / ``"\\n\\nAssistant: "`` lines.
+    ``stop_text`` (the agent's stop token as text) is removed from the start of ``after_agent``, since the
+    agent emitted it already.
+    """
+    if use_chat_template:
+        agent, reply = _SENTINELS
+        messages = [
+            {"role": "user", "content": "?"},
+            {"role": "assistant", "content": agent},
+            {"role": reply_role, "content": reply},
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        between = text[text.index(agent) + len(agent) : text.index(reply)]
+        after_reply = text[text.index(reply) + len(reply) :]
+    else:
+        between, after_reply = f"\n\n{reply_role.capitalize()}: ", "\n\nAssistant: "
+    if stop_text and between.startswith(stop_text):
+        between = between[len(stop_text) :]
+    encode = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+    return TurnMarkers(after_agent=encode(between), after_reply=encode(after_reply))

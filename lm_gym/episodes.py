@@ -1,0 +1,131 @@
+"""The batched episode core: N token sequences of one causal LM, kept on the device.
+
+:class:`EpisodeBatch` holds each row's tokens (left-aligned), its length, a shared :class:`EpisodeCache`
+and the log-probabilities of the next token. Starting a row prefills its context in one forward;
+appending runs only the new token of every row through the model, all rows in one batched forward.
+The single env uses it with one row, the vector env with N; there is one implementation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from lm_gym.kv_cache import EpisodeCache
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword that takes a KV cache (``cache`` in recent transformers, else ``past_key_values``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_vocab_size(model) -> int:
+    """Rows of the model's output embedding: the size of the action space."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+class EpisodeBatch:
+    """Token buffer, lengths, KV cache and next-token log-probs for ``num_rows`` episodes.
+
+    :param model: a causal LM (eval mode; gradients are not taken here).
+    :param num_rows: number of episodes stepped together.
+    :param max_tokens: most tokens a row may hold.
+    :param pad_token_id: id that fills unused positions (always masked).
+    """
+
+    def __init__(self, model, num_rows: int, max_tokens: int, pad_token_id: int):
+        self.model = model
+        self.device = model.device
+        self.num_rows = num_rows
+        self.max_tokens = max_tokens
+        self.pad_token_id = pad_token_id
+        self.tokens = torch.full((num_rows, max_tokens), pad_token_id, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(num_rows, dtype=torch.long, device=self.device)
+        self.next_logprobs = torch.zeros(num_rows, output_vocab_size(model), device=self.device)
+        num_layers = model.config.get_text_config().num_hidden_layers
+        capacity = max_tokens + max(8, max_tokens // 4)
+        self.cache = EpisodeCache(num_layers, num_rows, capacity, self.device)
+        self._cache_keyword = cache_keyword(model)
+
+    @torch.no_grad()
+    def prefill(self, rows: Sequence[int], contexts: Sequence[Sequence[int]]) -> None:
+        """Start ``rows`` afresh from ``contexts`` (token id lists) in one batched forward."""
+        width = max(len(context) for context in contexts)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, context in enumerate(contexts):
+            if not 0 < len(context) <= self.max_tokens:
+                raise ValueError(f"a context must hold 1..{self.max_tokens} tokens, got {len(context)}")
+            ids[j, width - len(context) :] = torch.as_tensor(context, dtype=torch.long)
+            mask[j, width - len(context) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        prefill_cache = DynamicCache()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **{self._cache_keyword: prefill_cache},
+        )
+        row_index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        self.cache.place(row_index, prefill_cache, mask)
+        self.next_logprobs[row_index] = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self._write_tokens(row_index, ids, mask)
+
+    def _write_tokens(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        lengths = mask.sum(dim=1)
+        width = ids.shape[1]
+        # Left-align each context: position j of the row takes column (width - length + j) of ids.
+        columns = torch.arange(self.max_tokens, device=self.device)
+        source = (columns[None, :] + (width - lengths)[:, None]).clamp(max=width - 1)
+        gathered = ids.gather(1, source)
+        self.tokens[rows] = torch.where(columns[None, :] < lengths[:, None], gathered, self.pad_token_id)
+        self.lengths[rows] = lengths
+
+    @torch.no_grad()
+    def append(self, tokens: torch.Tensor, record: torch.Tensor, forward: torch.Tensor) -> None:
+        """Append ``tokens[i]`` to every row where ``record`` is set; run the ``forward`` rows through the model.
+
+        ``forward`` must be a subset of ``record``. Rows recorded but not forwarded are finished: their
+        next-token log-probs are left stale and their cache history is dropped until they are prefilled.
+        """
+        rows = record.nonzero().squeeze(1)
+        if len(rows):
+            if int(self.lengths[rows].max()) >= self.max_tokens:
+                raise RuntimeError(f"an episode row is full ({self.max_tokens} tokens)")
+            self.tokens[rows, self.lengths[rows]] = tokens[rows]
+            self.lengths[rows] += 1
+        if bool(forward.any()):
+            self._forward_last(tokens, forward)
+
+    def _forward_last(self, tokens: torch.Tensor, forward: torch.Tensor) -> None:
+        cache = self.cache
+        cache.slot_mask[~forward] = 0  # finished rows: attend only to their own dummy slot
+        cache.ensure_room(1)
+        slot = cache.length
+        cache.slot_mask[:, slot] = 1
+        ids = torch.where(forward, tokens, self.pad_token_id)[:, None]
+        positions = torch.where(forward, self.lengths - 1, 0)[:, None]
+        out = self.model(
+            input_ids=ids, attention_mask=cache.attention_mask(1), position_ids=positions, use_cache=True,
+            **{self._cache_keyword: cache},
+        )
+        self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    def logprobs_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[i] | row i so far) under the model, for every row."""
+        return self.next_logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+    def observation(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of every row, right-aligned in ``length`` positions (left padding)."""
+        columns = torch.arange(length, device=self.device)
+        offset = length - self.lengths
+        source = (columns[None, :] - offset[:, None]).clamp(min=0, max=self.max_tokens - 1)
+        mask = (columns[None, :] >= offset[:, None]).long()
+        ids = torch.where(mask.bool(), self.tokens.gather(1, source), self.pad_token_id)
+        return ids, mask
+
+    def row_tokens(self, row: int, start: int = 0) -> list[int]:
+        """Token ids of ``row`` from position ``start`` to its end, on the host."""
+        return self.tokens[row, start : int(self.lengths[row])].tolist()
