@@ -67,9 +67,6 @@ def test_same_seed_same_actions_same_episode(make_tiny_env):
             obs_b, steps_b = play(env_b, actions * 3, seed=11)
             assert_same_observations(obs_a, obs_b)
             assert steps_a == steps_b
-    assert play(env_a, actions, seed=11)[0][0]["input_ids"].tolist() != play(env_a, actions, seed=12)[0][0][
-        "input_ids"
-    ].tolist() or True  # different seeds may draw the same prompt; equality is what must hold above
 
 
 def test_different_seeds_draw_different_prompts(make_tiny_env):
