@@ -7,6 +7,7 @@
 
     env = gym.make("LanguageModelEnv-v0")           # embedded SmolLM2-135M-Instruct
     env = gym.make("LanguageModelEnv-v0", model="tiny", max_new_tokens=16)
+    envs = gym.make_vec("LanguageModelEnv-v0", num_envs=32)  # one batched forward per step
 """
 
 import gymnasium
@@ -15,19 +16,23 @@ from lm_gym.core import MultiTurn
 from lm_gym.env import LanguageModelEnv
 from lm_gym.models import ModelNotFoundError, cache_dir, load_model
 from lm_gym.rewards import FluencyReward, FunctionReward, Reward
+from lm_gym.vector_env import LanguageModelVectorEnv
 
 __version__ = "0.1.0"
 
 ENV_ID = "LanguageModelEnv-v0"
 
 if ENV_ID not in gymnasium.registry:
-    gymnasium.register(id=ENV_ID, entry_point="lm_gym.env:LanguageModelEnv")
+    gymnasium.register(
+        id=ENV_ID, entry_point="lm_gym.env:LanguageModelEnv", vector_entry_point="lm_gym.vector_env:LanguageModelVectorEnv"
+    )
 
 __all__ = [
     "ENV_ID",
     "FluencyReward",
     "FunctionReward",
     "LanguageModelEnv",
+    "LanguageModelVectorEnv",
     "ModelNotFoundError",
     "MultiTurn",
     "Reward",

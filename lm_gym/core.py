@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from lm_gym.chat import TurnMarkers, encode_prompt, has_chat_template, turn_markers
+from lm_gym.chat import TurnMarkers, encode_prompt, turn_markers
 from lm_gym.data.prompts import Prompt, PromptSampler, prompt_text, validate_prompt
 from lm_gym.episodes import EpisodeBatch, output_vocab_size
 from lm_gym.rewards.base import Reward
@@ -66,6 +66,7 @@ class TokenEpisodes:
         self, model, tokenizer, num_rows: int, prompts: PromptSampler, reward: Reward, *,
         max_new_tokens: int, max_prompt_tokens: int, use_chat_template: bool,
         stop_token_ids: Sequence[int], truncate_prompt: str | None, multi_turn: MultiTurn | None,
+        allowed_token_ids: Sequence[int] | None = None,
     ):
         self.tokenizer, self.prompts, self.reward = tokenizer, prompts, reward
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
@@ -76,6 +77,7 @@ class TokenEpisodes:
         self.device = self.batch.device
         self.stop_token_ids = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
         self.markers = self._markers() if multi_turn else None
+        self.allowed = allowed_mask(allowed_token_ids, self.vocab_size)
         self.ref_logprobs = torch.zeros(num_rows, self.obs_length, device=self.device)
         self.turn_start = torch.zeros(num_rows, dtype=torch.long, device=self.device)
         self.prompts_drawn: list[Prompt | None] = [None] * num_rows
@@ -216,6 +218,28 @@ class TokenEpisodes:
         """Right-aligned token ids and attention masks of all rows."""
         return self.batch.observation(self.obs_length)
 
+    def dialogue_text(self, row: int, with_partial_turn: bool) -> str:
+        """The row's dialogue as ``[role] text`` lines, optionally with the agent's unfinished turn."""
+        lines = [f"[{turn['role']}] {turn['text']}" for turn in self.turns[row]]
+        if with_partial_turn:
+            partial = self.batch.row_tokens(row, int(self.turn_start[row]))
+            lines.append(f"[assistant] {self.decode_response(partial)}")
+        return "\n".join(lines)
+
+
+def allowed_mask(allowed_token_ids: Sequence[int] | None, vocab_size: int) -> np.ndarray | None:
+    """A boolean (V,) mask of the allowed actions, or None when every token is allowed."""
+    if allowed_token_ids is None:
+        return None
+    ids = np.asarray(list(allowed_token_ids))
+    if ids.size == 0 or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {allowed_token_ids!r:.80}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"allowed_token_ids must lie in [0, {vocab_size}); got min {ids.min()}, max {ids.max()}")
+    mask = np.zeros(vocab_size, dtype=bool)
+    mask[ids] = True
+    return mask
+
 
 @torch.no_grad()
 def sample_continuations(
@@ -268,4 +292,3 @@ def resolve_stop_tokens(tokenizer, model, stop_token_ids) -> list[int]:
     return ids
 
 
-__all__ = ["MultiTurn", "StepResult", "TokenEpisodes", "has_chat_template", "resolve_stop_tokens", "sample_continuations"]

@@ -46,6 +46,8 @@ class LanguageModelEnv(gym.Env):
     :param stop_token_ids: tokens that end the response; default the EOS token(s).
     :param truncate_prompt: ``None`` (too-long prompts raise), ``"left"`` or ``"right"`` (cut that side).
     :param multi_turn: ``None`` for single-turn episodes, or :class:`MultiTurn` settings (or a dict of them).
+    :param allowed_token_ids: restrict the actions to these token ids (other ids raise); ``action_masks()``
+        then marks them, for maskable policies. ``None``: every token is allowed.
     :param device: device of the LM; default CUDA when available.
     :param dtype: dtype of the LM when loaded here; default float32.
     :param render_mode: ``"ansi"`` (``render()`` returns text) or ``"human"`` (prints it).
@@ -65,6 +67,7 @@ class LanguageModelEnv(gym.Env):
         stop_token_ids: Any = None,
         truncate_prompt: str | None = None,
         multi_turn: MultiTurn | dict | None = None,
+        allowed_token_ids: Any = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         render_mode: str | None = None,
@@ -75,7 +78,8 @@ class LanguageModelEnv(gym.Env):
         self.core = build_episodes(
             1, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward, max_new_tokens=max_new_tokens,
             max_prompt_tokens=max_prompt_tokens, use_chat_template=use_chat_template, stop_token_ids=stop_token_ids,
-            truncate_prompt=truncate_prompt, multi_turn=multi_turn, device=device, dtype=dtype,
+            truncate_prompt=truncate_prompt, multi_turn=multi_turn, allowed_token_ids=allowed_token_ids,
+            device=device, dtype=dtype,
         )
         self.observation_space = observation_space(self.core.vocab_size, self.core.obs_length)
         self.action_space = spaces.Discrete(self.core.vocab_size)
@@ -108,7 +112,7 @@ class LanguageModelEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if self._episode_over:
             raise RuntimeError("the episode is over (terminated or truncated); call reset() before stepping again")
-        token = validate_action(action, self.core.vocab_size)
+        token = validate_action(action, self.core.vocab_size, self.core.allowed)
         actions = torch.tensor([token], device=self.core.device)
         result = self.core.step(actions, torch.ones(1, dtype=torch.bool, device=self.core.device))
         terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
@@ -136,11 +140,11 @@ class LanguageModelEnv(gym.Env):
     def _render_text(self) -> str:
         if self._episode_over is None:
             return ""
-        lines = [f"[{turn['role']}] {turn['text']}" for turn in self.core.turns[0]]
-        if not self._episode_over:
-            partial = self.core.batch.row_tokens(0, int(self.core.turn_start[0]))
-            lines.append(f"[assistant] {self.core.decode_response(partial)}")
-        return "\n".join(lines)
+        return self.core.dialogue_text(0, with_partial_turn=not self._episode_over)
+
+    def action_masks(self) -> np.ndarray:
+        """Boolean (V,) mask of the allowed tokens (all True without ``allowed_token_ids``), for MaskablePPO."""
+        return allowed_or_all(self.core.allowed, self.core.vocab_size).copy()
 
     def _observation(self) -> dict[str, np.ndarray]:
         ids, mask = self.core.observation()
@@ -164,7 +168,12 @@ def observation_space(vocab_size: int, length: int) -> spaces.Dict:
     )
 
 
-def validate_action(action, vocab_size: int) -> int:
+def allowed_or_all(allowed: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """The allowed-token mask, or an all-True mask when every token is allowed."""
+    return allowed if allowed is not None else np.ones(vocab_size, dtype=bool)
+
+
+def validate_action(action, vocab_size: int, allowed: np.ndarray | None = None) -> int:
     """A token id from a Python int, a numpy integer scalar or a 0-d integer array; else a clear error."""
     if isinstance(action, np.ndarray) and action.ndim == 0:
         action = action[()]
@@ -175,12 +184,16 @@ def validate_action(action, vocab_size: int) -> int:
         )
     if not 0 <= int(action) < vocab_size:
         raise ValueError(f"action {int(action)} is outside the action space; expected a token id in [0, {vocab_size})")
+    if allowed is not None and not allowed[int(action)]:
+        raise ValueError(
+            f"action {int(action)} is not among the {int(allowed.sum())} allowed_token_ids; see action_masks()"
+        )
     return int(action)
 
 
 def build_episodes(
     num_rows: int, *, model, tokenizer, prompts, reward, max_new_tokens, max_prompt_tokens, use_chat_template,
-    stop_token_ids, truncate_prompt, multi_turn, device, dtype,
+    stop_token_ids, truncate_prompt, multi_turn, allowed_token_ids=None, device=None, dtype=None,
 ) -> TokenEpisodes:
     """Resolve the env keywords (load the model, the prompts, the reward) into a :class:`TokenEpisodes`."""
     for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
@@ -204,7 +217,7 @@ def build_episodes(
         model, tokenizer, num_rows, load_prompts(prompts), as_reward(reward or FluencyReward()),
         max_new_tokens=int(max_new_tokens), max_prompt_tokens=int(max_prompt_tokens),
         use_chat_template=use_chat_template, stop_token_ids=resolve_stop_tokens(tokenizer, model, stop_token_ids),
-        truncate_prompt=truncate_prompt, multi_turn=multi_turn,
+        truncate_prompt=truncate_prompt, multi_turn=multi_turn, allowed_token_ids=allowed_token_ids,
     )
 
 

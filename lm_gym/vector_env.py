@@ -1,0 +1,240 @@
+"""``LanguageModelVectorEnv``: N episodes stepped together in one batched, KV-cached forward."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from lm_gym.env import LanguageModelEnv, allowed_or_all, build_episodes, observation_space
+
+RESET_OPTIONS = {"prompt", "prompts", "reset_mask"}
+
+
+class LanguageModelVectorEnv(VectorEnv):
+    """N language-model episodes on the device, one token per row per step, one forward per step.
+
+    Takes the keywords of :class:`LanguageModelEnv` plus:
+
+    :param num_envs: number of episodes stepped together.
+    :param autoreset_mode: ``AutoresetMode.NEXT_STEP`` (default: a finished row is reset on the next step,
+        whose action for it is ignored), ``SAME_STEP`` (reset at once; the final observation and info go to
+        ``infos["final_obs"]`` / ``infos["final_info"]``) or ``DISABLED`` (reset finished rows with
+        ``reset(options={"reset_mask": mask})``). Strings with the enum's value or name work too.
+    :param output: ``"numpy"`` (arrays on the host) or ``"torch"`` (observations, rewards and flags as
+        tensors on the env's device, without a host copy).
+
+    Row i is seeded with ``seed + i``, so for the same seeds and actions it plays exactly the episodes
+    of N single :class:`LanguageModelEnv` in a :class:`gymnasium.vector.SyncVectorEnv`.
+    """
+
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        *,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        output: str = "numpy",
+        render_mode: str | None = None,
+        **env_kwargs: Any,
+    ):
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        if output not in ("numpy", "torch"):
+            raise ValueError(f"output={output!r}; expected 'numpy' or 'torch'")
+        if render_mode not in (None, "ansi"):
+            raise ValueError(f"render_mode={render_mode!r}; expected 'ansi' or None")
+        self.autoreset_mode = _autoreset_mode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
+        self.num_envs, self.output, self.render_mode = int(num_envs), output, render_mode
+        settings = {**_env_defaults(), **env_kwargs}
+        self.core = build_episodes(self.num_envs, **settings)
+        self.single_observation_space = observation_space(self.core.vocab_size, self.core.obs_length)
+        self.single_action_space = spaces.Discrete(self.core.vocab_size)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
+        self._needs_reset = np.ones(self.num_envs, dtype=bool)
+        self._started = np.zeros(self.num_envs, dtype=bool)
+
+    # --- reset ---------------------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        """Reset all rows (or those in ``options["reset_mask"]``); row i is seeded with ``seed + i``.
+
+        ``options["prompt"]`` forces one prompt on every reset row; ``options["prompts"]`` gives one per row.
+        """
+        options = dict(options or {})
+        unknown = set(options) - RESET_OPTIONS
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; expected keys among {sorted(RESET_OPTIONS)}")
+        mask = _reset_mask(options.get("reset_mask"), self.num_envs)
+        seeds = _row_seeds(seed, self.num_envs)
+        for row in np.flatnonzero(mask):
+            if seeds[row] is not None or self._rngs[row] is None:
+                self._rngs[row] = seeding.np_random(seeds[row])[0]
+        prompts = _row_prompts(options, self.num_envs)
+        row_infos: list[dict] = [{} for _ in range(self.num_envs)]
+        self._reset_rows(np.flatnonzero(mask), prompts, row_infos)
+        return self._observation(), self._vector_infos(row_infos)
+
+    def _reset_rows(self, rows: np.ndarray, prompts: list, row_infos: list[dict]) -> None:
+        """Start new episodes in ``rows`` (one batched prefill); merge their reset infos into ``row_infos``."""
+        row_list = rows.tolist()
+        reset_infos = self.core.reset_rows(
+            row_list, [self._rngs[r] for r in row_list], [prompts[r] for r in row_list]
+        )
+        for row, info in zip(row_list, reset_infos):
+            row_infos[row].update(info)
+        self._needs_reset[rows] = False
+        self._started[rows] = True
+
+    # --- step ----------------------------------------------------------------------------------------
+
+    def step(self, actions):
+        """Step every row; see the class docstring for the autoreset modes."""
+        if not self._started.all():
+            raise RuntimeError("call reset() before step()")
+        tokens = self._validate_actions(actions)
+        resetting = self._needs_reset.copy()
+        if self.autoreset_mode == AutoresetMode.DISABLED and resetting.any():
+            raise RuntimeError(
+                f"rows {np.flatnonzero(resetting).tolist()} have finished episodes; with autoreset DISABLED "
+                "reset them first with reset(options={'reset_mask': mask})"
+            )
+        result = self.core.step(tokens, torch.as_tensor(~resetting, device=self.core.device))
+        ended = (result.terminated | result.truncated).cpu().numpy()
+        ref_logprob = result.ref_logprob.double().cpu().numpy()
+        row_infos = [
+            {} if resetting[row] else {"ref_logprob": float(ref_logprob[row]), **result.infos[row]}
+            for row in range(self.num_envs)
+        ]
+        no_prompts = [None] * self.num_envs
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP and resetting.any():
+            self._reset_rows(np.flatnonzero(resetting), no_prompts, row_infos)
+        if self.autoreset_mode == AutoresetMode.SAME_STEP and ended.any():
+            final_obs = self._observation(numpy=True)
+            for row in np.flatnonzero(ended):
+                single_obs = {key: value[row] for key, value in final_obs.items()}
+                row_infos[row] = {"final_obs": single_obs, "final_info": row_infos[row]}
+            self._reset_rows(np.flatnonzero(ended), no_prompts, row_infos)
+        else:
+            self._needs_reset = ended
+        flags = self._flags(result.reward.double(), result.terminated, result.truncated)
+        return self._observation(), *flags, self._vector_infos(row_infos)
+
+    def _vector_infos(self, row_infos: list[dict]) -> dict:
+        infos: dict = {}
+        for row, info in enumerate(row_infos):
+            infos = self._add_info(infos, info, row)
+        return infos
+
+    def _flags(self, rewards: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor):
+        if self.output == "torch":
+            return rewards.float(), terminated, truncated
+        return rewards.cpu().numpy(), terminated.cpu().numpy(), truncated.cpu().numpy()
+
+    def _validate_actions(self, actions) -> torch.Tensor:
+        """(N,) integer token ids (array, list or tensor) in range and allowed; else a clear error."""
+        if isinstance(actions, torch.Tensor):
+            array = actions.detach().cpu().numpy()
+        else:
+            array = np.asarray(actions)
+        if array.shape != (self.num_envs,) or not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(
+                f"actions must be {self.num_envs} integer token ids (shape ({self.num_envs},)), "
+                f"got shape {array.shape} and dtype {array.dtype}"
+            )
+        vocab = self.core.vocab_size
+        bad = np.flatnonzero((array < 0) | (array >= vocab))
+        if len(bad):
+            raise ValueError(f"action {array[bad[0]]} of row {bad[0]} is outside the action space [0, {vocab})")
+        allowed = self.core.allowed
+        if allowed is not None:
+            stepped = ~self._needs_reset
+            bad = np.flatnonzero(stepped & ~allowed[array])
+            if len(bad):
+                raise ValueError(f"action {array[bad[0]]} of row {bad[0]} is not among the allowed_token_ids")
+        if isinstance(actions, torch.Tensor) and actions.device == self.core.device:
+            return actions.long()
+        return torch.as_tensor(array, dtype=torch.long, device=self.core.device)
+
+    def _observation(self, numpy: bool | None = None):
+        ids, mask = self.core.observation()
+        if (self.output == "torch") if numpy is None else not numpy:
+            return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()}
+
+    # --- extras --------------------------------------------------------------------------------------
+
+    def action_masks(self) -> np.ndarray:
+        """Boolean (N, V) masks of the allowed tokens (all True without ``allowed_token_ids``)."""
+        return np.tile(allowed_or_all(self.core.allowed, self.core.vocab_size), (self.num_envs, 1))
+
+    def render(self) -> tuple[str, ...] | None:
+        """With ``render_mode="ansi"``: each row's dialogue so far as text."""
+        if self.render_mode != "ansi":
+            return None
+        return tuple(self.core.dialogue_text(row, with_partial_turn=not self._needs_reset[row])
+                     for row in range(self.num_envs))
+
+    def close_extras(self, **kwargs) -> None:
+        """Free the LM and its cache."""
+        self.core = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _env_defaults() -> dict:
+    """The single env's constructor defaults (one source of truth for both envs)."""
+    parameters = inspect.signature(LanguageModelEnv.__init__).parameters
+    return {name: p.default for name, p in parameters.items() if name not in ("self", "render_mode")}
+
+
+def _autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
+    if isinstance(mode, AutoresetMode):
+        return mode
+    for candidate in AutoresetMode:
+        if str(mode).lower() in (candidate.value.lower(), candidate.name.lower()):
+            return candidate
+    raise ValueError(f"autoreset_mode={mode!r}; expected one of {[m.name for m in AutoresetMode]}")
+
+
+def _reset_mask(mask, num_envs: int) -> np.ndarray:
+    if mask is None:
+        return np.ones(num_envs, dtype=bool)
+    mask = np.asarray(mask)
+    if mask.shape != (num_envs,) or mask.dtype != np.bool_:
+        raise ValueError(f"options['reset_mask'] must be a bool array of shape ({num_envs},), got {mask.dtype} {mask.shape}")
+    if not mask.any():
+        raise ValueError("options['reset_mask'] selects no row; set at least one True")
+    return mask
+
+
+def _row_seeds(seed, num_envs: int) -> list[int | None]:
+    if seed is None:
+        return [None] * num_envs
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(num_envs)]
+    seeds = list(seed)
+    if len(seeds) != num_envs:
+        raise ValueError(f"seed list has {len(seeds)} entries; expected num_envs={num_envs}")
+    return seeds
+
+
+def _row_prompts(options: dict, num_envs: int) -> list:
+    if "prompt" in options and "prompts" in options:
+        raise ValueError("give options['prompt'] (all rows) or options['prompts'] (one per row), not both")
+    if "prompts" in options:
+        prompts = list(options["prompts"])
+        if len(prompts) != num_envs:
+            raise ValueError(f"options['prompts'] has {len(prompts)} entries; expected num_envs={num_envs}")
+        return prompts
+    return [options.get("prompt")] * num_envs
