@@ -71,6 +71,11 @@ class LanguageModelVectorEnv(VectorEnv):
 
         ``options["prompt"]`` forces one prompt on every reset row; ``options["prompts"]`` gives one per row.
         """
+        obs, row_infos = self.reset_with_row_infos(seed=seed, options=options)
+        return obs, self._vector_infos(row_infos)
+
+    def reset_with_row_infos(self, *, seed=None, options: dict | None = None) -> tuple[Any, list[dict]]:
+        """:meth:`reset`, with one info dict per row instead of Gymnasium's batched infos."""
         options = dict(options or {})
         unknown = set(options) - RESET_OPTIONS
         if unknown:
@@ -83,7 +88,7 @@ class LanguageModelVectorEnv(VectorEnv):
         prompts = _row_prompts(options, self.num_envs)
         row_infos: list[dict] = [{} for _ in range(self.num_envs)]
         self._reset_rows(np.flatnonzero(mask), prompts, row_infos)
-        return self._observation(), self._vector_infos(row_infos)
+        return self._observation(), row_infos
 
     def _reset_rows(self, rows: np.ndarray, prompts: list, row_infos: list[dict]) -> None:
         """Start new episodes in ``rows`` (one batched prefill); merge their reset infos into ``row_infos``."""
@@ -100,6 +105,11 @@ class LanguageModelVectorEnv(VectorEnv):
 
     def step(self, actions):
         """Step every row; see the class docstring for the autoreset modes."""
+        obs, rewards, terminated, truncated, row_infos = self.step_with_row_infos(actions)
+        return obs, rewards, terminated, truncated, self._vector_infos(row_infos)
+
+    def step_with_row_infos(self, actions) -> tuple[Any, Any, Any, Any, list[dict]]:
+        """:meth:`step`, with one info dict per row instead of Gymnasium's batched infos."""
         if not self._started.all():
             raise RuntimeError("call reset() before step()")
         tokens = self._validate_actions(actions)
@@ -128,7 +138,7 @@ class LanguageModelVectorEnv(VectorEnv):
         else:
             self._needs_reset = ended
         flags = self._flags(result.reward.double(), result.terminated, result.truncated)
-        return self._observation(), *flags, self._vector_infos(row_infos)
+        return self._observation(), *flags, row_infos
 
     def _vector_infos(self, row_infos: list[dict]) -> dict:
         infos: dict = {}
