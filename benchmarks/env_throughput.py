@@ -1,0 +1,151 @@
+"""Env steps per second (one step = one token of one episode) with random actions, side by side.
+
+(a) naive single env: a full forward over the whole prefix every step, no cache (the RL4LMs/TextRL pattern)
+(b) our LanguageModelEnv (batch-1 KV-cached steps)
+(c) gymnasium SyncVectorEnv of N of our single envs (N batch-1 forwards per step)
+(d) our LanguageModelVectorEnv (one batched KV-cached forward per step)
+
+Bounds measured in the same run: the FLOP bound (a large fp32 matmul's rate / (2 x parameters)) and the
+weight-streaming bound (the model's linear layers alone on N one-token inputs: N / their time).
+Rates are steady-state steps after a reset; the vector env's rate including its reset is shown too.
+
+Run from the project root: ``python -m benchmarks.env_throughput [--model default] [--sizes 1 8 32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium.vector import SyncVectorEnv
+
+from benchmarks.machine import describe_machine
+from lm_gym import LanguageModelEnv, LanguageModelVectorEnv, load_model
+
+RESPONSE_TOKENS = 64
+PROMPT_TOKENS = 64
+
+
+class NaiveLanguageModelEnv:
+    """The baseline: every step runs the whole prefix through the model again (no KV cache)."""
+
+    def __init__(self, model, prompt_ids: list[int]):
+        self.model, self.ids = model, list(prompt_ids)
+
+    @torch.no_grad()
+    def step(self, action: int) -> float:
+        logits = self.model(torch.tensor([self.ids]), use_cache=False).logits[0, -1]
+        self.ids.append(action)
+        return float(torch.log_softmax(logits.float(), -1)[action])
+
+
+def random_actions(rng: np.random.Generator, shape, vocab: int, stop_ids) -> np.ndarray:
+    """Uniform token ids that are never a stop token, so every episode runs its full length."""
+    actions = rng.integers(0, vocab, size=shape)
+    while np.isin(actions, stop_ids).any():
+        bad = np.isin(actions, stop_ids)
+        actions[bad] = rng.integers(0, vocab, size=int(bad.sum()))
+    return actions
+
+
+def time_naive(model, tokenizer, env_kwargs, steps: int) -> float:
+    env = LanguageModelEnv(**env_kwargs)
+    env.reset(seed=0)
+    prompt_ids = env.core.batch.row_tokens(0)
+    naive = NaiveLanguageModelEnv(model, prompt_ids)
+    actions = random_actions(np.random.default_rng(0), steps, env.action_space.n, env.core.stop_token_ids.tolist())
+    started = time.perf_counter()
+    for action in actions:
+        naive.step(int(action))
+    return steps / (time.perf_counter() - started)
+
+
+def time_env(env, num_envs: int, steps: int, vocab: int, stop_ids) -> tuple[float, float]:
+    """Tokens per second of ``steps`` steps of every row, without and with the reset (prompt prefill) before."""
+    shape = (steps, num_envs) if num_envs else steps
+    actions = random_actions(np.random.default_rng(0), shape, vocab, stop_ids)
+    started = time.perf_counter()
+    env.reset(seed=0)
+    stepping = time.perf_counter()
+    for action in actions:
+        env.step(action if num_envs else int(action))
+    ended = time.perf_counter()
+    tokens = steps * max(num_envs, 1)
+    return tokens / (ended - stepping), tokens / (ended - started)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+@torch.no_grad()
+def weight_streaming_bound(model, batch: int, repeats: int = 5) -> float:
+    """Tokens/s if a decode step cost only the model's linear layers on ``batch`` one-token inputs."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch, m.in_features) for m in linears]
+    for m, x in zip(linears, inputs):
+        F.linear(x, m.weight, m.bias)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for m, x in zip(linears, inputs):
+            F.linear(x, m.weight, m.bias)
+    return batch * repeats / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--naive-steps", type=int, default=RESPONSE_TOKENS)
+    parser.add_argument("--sync-steps", type=int, default=16, help="steps timed for SyncVectorEnv at N > 1")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model, device="cpu")
+    model.requires_grad_(False)
+    env_kwargs = dict(
+        model=model, tokenizer=tokenizer, max_new_tokens=RESPONSE_TOKENS, max_prompt_tokens=PROMPT_TOKENS,
+        truncate_prompt="left",
+    )
+    params = sum(p.numel() for p in model.parameters())
+    single = LanguageModelEnv(**env_kwargs)
+    vocab, stops = single.action_space.n, single.core.stop_token_ids.tolist()
+
+    naive = time_naive(model, tokenizer, env_kwargs, args.naive_steps)
+    ours_single, _ = time_env(single, 0, RESPONSE_TOKENS, vocab, stops)
+    gflops = matmul_gflops()
+    flop_bound = gflops * 1e9 / (2 * params)
+    rows = []
+    for n in args.sizes:
+        sync = SyncVectorEnv([lambda: LanguageModelEnv(**env_kwargs) for _ in range(n)])
+        sync_rate, _ = time_env(sync, n, RESPONSE_TOKENS if n == 1 else args.sync_steps, vocab, stops)
+        sync.close()
+        vector = LanguageModelVectorEnv(n, **env_kwargs)
+        vector_rate, with_reset = time_env(vector, n, RESPONSE_TOKENS, vocab, stops)
+        vector.close()
+        rows.append((n, sync_rate, vector_rate, with_reset, weight_streaming_bound(model, n)))
+
+    print(f"machine: {describe_machine()}")
+    print(f"model: {args.model} ({params / 1e6:.1f} M parameters), response {RESPONSE_TOKENS} tokens, "
+          f"prompt <= {PROMPT_TOKENS} tokens, random non-stop actions")
+    print(f"(a) naive single env, full forward per step: {naive:.1f} tokens/s")
+    print(f"(b) LanguageModelEnv: {ours_single:.1f} tokens/s ({ours_single / naive:.1f}x a)")
+    print(f"matmul: {gflops:.0f} GFLOP/s -> FLOP bound {flop_bound:.0f} tokens/s\n")
+    print("| N | (c) SyncVectorEnv tok/s | (d) LanguageModelVectorEnv tok/s | d/a | d/c "
+          "| weight-streaming bound tok/s | d / streaming bound | d / FLOP bound | d incl. reset tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, sync_rate, vector_rate, with_reset, streaming in rows:
+        print(f"| {n} | {sync_rate:.1f} | {vector_rate:.1f} | {vector_rate / naive:.1f} | {vector_rate / sync_rate:.1f} "
+              f"| {streaming:.1f} | {vector_rate / streaming:.0%} | {vector_rate / flop_bound:.0%} | {with_reset:.1f} |")
+    print("\nSteady-state steps after reset(); the last column adds the reset (prompt prefill of every row).")
+
+
+if __name__ == "__main__":
+    main()
