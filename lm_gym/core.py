@@ -80,7 +80,6 @@ class TokenEpisodes:
         self.allowed = allowed_mask(allowed_token_ids, self.vocab_size)
         self.ref_logprobs = torch.zeros(num_rows, self.obs_length, device=self.device)
         self.turn_start = torch.zeros(num_rows, dtype=torch.long, device=self.device)
-        self.prompts_drawn: list[Prompt | None] = [None] * num_rows
         self.turns: list[list[dict]] = [[] for _ in range(num_rows)]
         self.reply_generators: list[torch.Generator | None] = [None] * num_rows
 
@@ -92,18 +91,17 @@ class TokenEpisodes:
 
     def reset_rows(self, rows: Sequence[int], rngs: Sequence[np.random.Generator], prompts=None) -> list[dict]:
         """Start new episodes in ``rows``: draw (or take) a prompt per row, encode it, prefill in one forward."""
-        prompts = prompts or [None] * len(rows)
-        contexts, infos = [], []
+        prompts = [
+            self.prompts(rng) if prompt is None else validate_prompt(prompt, "options['prompt']")
+            for rng, prompt in zip(rngs, prompts or [None] * len(rows))
+        ]
+        contexts = [self._encode(prompt) for prompt in prompts]  # raises before any row changes
         for row, rng, prompt in zip(rows, rngs, prompts):
-            prompt = self.prompts(rng) if prompt is None else validate_prompt(prompt, "options['prompt']")
-            contexts.append(self._encode(prompt))
-            self.prompts_drawn[row] = prompt
             self.turns[row] = [{"role": "user", "text": prompt_text(prompt)}]
             self.reply_generators[row] = self._reply_generator(rng) if self.multi_turn else None
-            infos.append({"prompt_text": prompt_text(prompt)})
         self.batch.prefill(rows, contexts)
         self.turn_start[list(rows)] = self.batch.lengths[list(rows)]
-        return infos
+        return [{"prompt_text": prompt_text(prompt)} for prompt in prompts]
 
     def _encode(self, prompt: Prompt) -> list[int]:
         ids = encode_prompt(self.tokenizer, prompt, self.use_chat_template)
