@@ -87,17 +87,35 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 @torch.no_grad()
-def weight_streaming_bound(model, batch: int, repeats: int = 5) -> float:
-    """Tokens/s if a decode step cost only the model's linear layers on ``batch`` one-token inputs."""
+def decode_bounds(model, batch: int, kv_length: int, repeats: int = 5) -> tuple[float, float]:
+    """Tokens/s if a decode step cost only (1) the model's linear layers on ``batch`` one-token inputs,
+    (2) those plus bare grouped-query attention of each layer over a ``kv_length`` KV cache."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(batch, m.in_features) for m in linears]
-    for m, x in zip(linears, inputs):
-        F.linear(x, m.weight, m.bias)
-    started = time.perf_counter()
-    for _ in range(repeats):
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    query = torch.randn(batch, config.num_attention_heads, 1, head_dim)
+    caches = [
+        (torch.randn(batch, config.num_key_value_heads, kv_length, head_dim),) * 2
+        for _ in range(config.num_hidden_layers)
+    ]
+
+    def run_linears():
         for m, x in zip(linears, inputs):
             F.linear(x, m.weight, m.bias)
-    return batch * repeats / (time.perf_counter() - started)
+
+    def run_attention():
+        for keys, values in caches:
+            F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+
+    seconds = []
+    for work in (run_linears, run_attention):
+        work()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        seconds.append((time.perf_counter() - started) / repeats)
+    return batch / seconds[0], batch / (seconds[0] + seconds[1])
 
 
 def main() -> None:
@@ -129,8 +147,9 @@ def main() -> None:
         sync.close()
         vector = LanguageModelVectorEnv(n, **env_kwargs)
         vector_rate, with_reset = time_env(vector, n, RESPONSE_TOKENS, vocab, stops)
+        kv_length = round(float(vector.core.batch.lengths.float().mean())) - RESPONSE_TOKENS // 2
+        rows.append((n, sync_rate, vector_rate, with_reset, *decode_bounds(model, n, kv_length)))
         vector.close()
-        rows.append((n, sync_rate, vector_rate, with_reset, weight_streaming_bound(model, n)))
 
     print(f"machine: {describe_machine()}")
     print(f"model: {args.model} ({params / 1e6:.1f} M parameters), response {RESPONSE_TOKENS} tokens, "
@@ -139,12 +158,15 @@ def main() -> None:
     print(f"(b) LanguageModelEnv: {ours_single:.1f} tokens/s ({ours_single / naive:.1f}x a)")
     print(f"matmul: {gflops:.0f} GFLOP/s -> FLOP bound {flop_bound:.0f} tokens/s\n")
     print("| N | (c) SyncVectorEnv tok/s | (d) LanguageModelVectorEnv tok/s | d/a | d/c "
-          "| weight-streaming bound tok/s | d / streaming bound | d / FLOP bound | d incl. reset tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, sync_rate, vector_rate, with_reset, streaming in rows:
+          "| weight-streaming bound tok/s | d / streaming bound | + KV-cache attention bound tok/s | d / that bound "
+          "| d / FLOP bound | d incl. reset tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, sync_rate, vector_rate, with_reset, streaming, with_attention in rows:
         print(f"| {n} | {sync_rate:.1f} | {vector_rate:.1f} | {vector_rate / naive:.1f} | {vector_rate / sync_rate:.1f} "
-              f"| {streaming:.1f} | {vector_rate / streaming:.0%} | {vector_rate / flop_bound:.0%} | {with_reset:.1f} |")
+              f"| {streaming:.1f} | {vector_rate / streaming:.0%} | {with_attention:.1f} "
+              f"| {vector_rate / with_attention:.0%} | {vector_rate / flop_bound:.0%} | {with_reset:.1f} |")
     print("\nSteady-state steps after reset(); the last column adds the reset (prompt prefill of every row).")
+    print("The second bound adds bare attention over a KV cache of the episode's mean length to the linear layers.")
 
 
 if __name__ == "__main__":
