@@ -15,7 +15,7 @@ import gymnasium
 from lm_gym.core import MultiTurn
 from lm_gym.env import LanguageModelEnv
 from lm_gym.models import ModelNotFoundError, cache_dir, load_model
-from lm_gym.rewards import FluencyReward, FunctionReward, Reward
+from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward, FunctionReward, Reward
 from lm_gym.vector_env import LanguageModelVectorEnv
 
 __version__ = "0.1.0"
@@ -28,7 +28,9 @@ if ENV_ID not in gymnasium.registry:
     )
 
 __all__ = [
+    "BlendedReward",
     "ENV_ID",
+    "FeedbackReward",
     "FluencyReward",
     "FunctionReward",
     "LanguageModelEnv",

@@ -25,6 +25,17 @@ def encode_prompt(tokenizer, prompt: Prompt, use_chat_template: bool) -> list[in
     return tokenizer(prompt).input_ids
 
 
+def format_exchange(tokenizer, prompt: Prompt, response: str) -> str:
+    """A prompt and its response as one text, chat-formatted as the env formats them when possible."""
+    if has_chat_template(tokenizer):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages.append({"role": "assistant", "content": response})
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    if not isinstance(prompt, str):
+        raise ValueError("a chat message list needs a tokenizer with a chat template")
+    return f"{prompt}\n{response}"
+
+
 @dataclass(frozen=True)
 class TurnMarkers:
     """Token ids placed between dialogue turns.

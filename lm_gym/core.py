@@ -148,15 +148,19 @@ class TokenEpisodes:
 
     def _score(self, rows: list[int], reward: torch.Tensor, infos: list[dict]) -> None:
         """Decode the finished turns of ``rows`` once and score them in one reward call."""
-        responses, response_ids, ref_logprobs = [], [], []
+        responses, response_ids, ref_logprobs, stopped = [], [], [], []
+        stop_ids = self.stop_token_ids.tolist()
         for row in rows:
             start, end = int(self.turn_start[row]), int(self.batch.lengths[row])
             ids = self.batch.row_tokens(row, start)
             response_ids.append(ids)
             ref_logprobs.append(self.ref_logprobs[row, start:end])
+            stopped.append(bool(ids) and ids[-1] in stop_ids)
             responses.append(self.decode_response(ids))
         prompts = [self.turns[row][-1]["text"] for row in rows]
-        output = self.reward.evaluate(prompts, responses, response_ids=response_ids, ref_logprobs=ref_logprobs)
+        output = self.reward.evaluate(
+            prompts, responses, response_ids=response_ids, ref_logprobs=ref_logprobs, stopped=stopped
+        )
         reward[rows] = output.total.to(self.device)
         for j, row in enumerate(rows):
             self.turns[row].append({"role": "assistant", "text": responses[j]})

@@ -15,7 +15,7 @@ from lm_gym.chat import has_chat_template
 from lm_gym.core import MultiTurn, TokenEpisodes, resolve_stop_tokens
 from lm_gym.data.prompts import load_prompts
 from lm_gym.models import ensure_pad_token, load_model
-from lm_gym.rewards import FluencyReward, as_reward
+from lm_gym.rewards import as_reward, default_reward
 
 RESET_OPTIONS = {"prompt"}
 
@@ -39,7 +39,8 @@ class LanguageModelEnv(gym.Env):
     :param prompts: a list of prompts (strings or chat message lists), a ``.txt``/``.jsonl`` file, a callable
         ``fn(np_random) -> prompt``, or ``None`` for the 240 shipped default prompts.
     :param reward: a :class:`lm_gym.rewards.Reward` or any callable ``(prompts, responses, **context) ->
-        scores``; default :class:`lm_gym.rewards.FluencyReward`.
+        scores``; default ``BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=0.5)``. The reward
+        context carries ``response_ids``, ``ref_logprobs`` (per-token reference log-probs) and ``stopped``.
     :param max_new_tokens: response length limit (per agent turn in multi-turn mode).
     :param max_prompt_tokens: prompt length limit, chat formatting included.
     :param use_chat_template: format prompts with the tokenizer's chat template; default on when it has one.
@@ -213,8 +214,10 @@ def build_episodes(
             f"multi_turn.context_tokens={multi_turn.context_tokens} leaves no room after "
             f"max_prompt_tokens={max_prompt_tokens}"
         )
+    reward = as_reward(reward) if reward is not None else default_reward()
+    reward.bind(model, tokenizer)
     return TokenEpisodes(
-        model, tokenizer, num_rows, load_prompts(prompts), as_reward(reward or FluencyReward()),
+        model, tokenizer, num_rows, load_prompts(prompts), reward,
         max_new_tokens=int(max_new_tokens), max_prompt_tokens=int(max_prompt_tokens),
         use_chat_template=use_chat_template, stop_token_ids=resolve_stop_tokens(tokenizer, model, stop_token_ids),
         truncate_prompt=truncate_prompt, multi_turn=multi_turn, allowed_token_ids=allowed_token_ids,

@@ -1,5 +1,19 @@
-"""Data that episodes and rewards read: prompt sets (and, later, feedback and preferences)."""
+"""Data that episodes and rewards read: prompt sets, rated responses and preference pairs."""
 
+from lm_gym.data.feedback import (
+    FeedbackExample,
+    PreferencePair,
+    default_feedback,
+    load_feedback,
+    load_preferences,
+    pairs_to_feedback,
+    transcript_to_messages,
+)
 from lm_gym.data.prompts import Prompt, PromptSampler, default_prompts, load_prompts, prompt_text, read_prompt_file
+from lm_gym.data.records import DataError, DataReport, DataWarning, Records
 
-__all__ = ["Prompt", "PromptSampler", "default_prompts", "load_prompts", "prompt_text", "read_prompt_file"]
+__all__ = [
+    "DataError", "DataReport", "DataWarning", "FeedbackExample", "PreferencePair", "Prompt", "PromptSampler",
+    "Records", "default_feedback", "default_prompts", "load_feedback", "load_preferences", "load_prompts",
+    "pairs_to_feedback", "prompt_text", "read_prompt_file", "transcript_to_messages",
+]

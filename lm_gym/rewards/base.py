@@ -22,17 +22,25 @@ class RewardOutput(NamedTuple):
 
 
 class Reward:
-    """Base class of batch rewards. Subclasses implement ``__call__`` and set ``name``."""
+    """Base class of batch rewards. Subclasses implement ``__call__`` and set ``name``.
+
+    ``nonfinite`` says what to do with NaN or infinite scores: ``"raise"`` (default: an error naming the
+    reward and the response) or a number to put in their place.
+    """
 
     name: str = "reward"
+    nonfinite: str | float = "raise"
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str], **context) -> torch.Tensor:
         raise NotImplementedError
 
     def evaluate(self, prompts: Sequence[str], responses: Sequence[str], **context) -> RewardOutput:
         """Score the batch; check shape and finiteness; return the total and ``{name: total}``."""
-        total = check_scores(self.name, self(prompts, responses, **context), responses)
+        total = check_scores(self.name, self(prompts, responses, **context), responses, self.nonfinite)
         return RewardOutput(total, {self.name: total})
+
+    def bind(self, model, tokenizer) -> None:
+        """Called by the env with its own LM, for rewards that score with it (judge, fluency, LM encoder)."""
 
 
 class FunctionReward(Reward):
@@ -42,14 +50,22 @@ class FunctionReward(Reward):
         ``batched=False`` it is called as ``fn(prompt, response)`` once per pair instead.
     :param name: the component name in logs; default the function's name.
     :param batched: whether ``fn`` takes whole batches.
+    :param nonfinite: ``"raise"`` or a number that replaces NaN/infinite scores.
+
+    Example, sentiment with VADER (``pip install lm-gym[sentiment]``)::
+
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        analyzer = SentimentIntensityAnalyzer()
+        sentiment = FunctionReward(lambda p, r: analyzer.polarity_scores(r)["compound"], "sentiment", batched=False)
     """
 
-    def __init__(self, fn: Callable, name: str | None = None, batched: bool = True):
+    def __init__(self, fn: Callable, name: str | None = None, batched: bool = True, nonfinite: str | float = "raise"):
         if not callable(fn):
             raise TypeError(f"reward {fn!r:.60} is not callable")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.batched = batched
+        self.nonfinite = nonfinite
 
     def __call__(self, prompts, responses, **context) -> torch.Tensor:
         if self.batched:
@@ -64,13 +80,18 @@ def as_reward(reward) -> Reward:
     return reward if isinstance(reward, Reward) else FunctionReward(reward)
 
 
-def check_scores(name: str, scores, responses: Sequence[str]) -> torch.Tensor:
-    """Validate a reward's output: shape (B,) and finite, or an error naming the reward and the text."""
-    scores = torch.as_tensor(scores, dtype=torch.float32)
+def check_scores(name: str, scores, responses: Sequence[str], nonfinite: str | float = "raise") -> torch.Tensor:
+    """Validate a reward's output: shape (B,) and finite (or NaN/inf replaced by the number ``nonfinite``)."""
+    scores = torch.as_tensor(scores, dtype=torch.float32).detach()
     if scores.shape != (len(responses),):
         raise ValueError(f"reward {name!r} returned shape {tuple(scores.shape)}; expected ({len(responses)},)")
-    bad = (~torch.isfinite(scores)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise ValueError(f"reward {name!r} returned {scores[i].item()} for response {responses[i]!r:.200}")
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        if nonfinite != "raise":
+            return torch.where(bad, torch.as_tensor(float(nonfinite), device=scores.device), scores)
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"reward {name!r} returned {scores[i].item()} for response {responses[i]!r:.200}; "
+            "fix the reward or set its nonfinite= option to a replacement value"
+        )
     return scores

@@ -1,0 +1,146 @@
+"""Model rewards r_m: a trained reward model, the LM as its own judge, and fluency under the reference LM."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from lm_gym.chat import encode_prompt, format_exchange, has_chat_template
+from lm_gym.models import ensure_pad_token
+from lm_gym.rewards.base import Reward
+from lm_gym.rewards.lm_scoring import continuation_logprobs, next_token_logprobs, pad_left
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+class RewardModelReward(Reward):
+    """Score chat-formatted (prompt, response) pairs with a sequence-classification reward model.
+
+    :param model: a directory (``AutoModelForSequenceClassification`` with one label) or a loaded model.
+    :param tokenizer: needed with a loaded model; loaded from the directory otherwise.
+    :param normalize: subtract the reward mean and divide by the std stored beside the model
+        (``reward_stats.json``, written by ``agents.train_reward_model``).
+    :param batch_size: responses scored per forward.
+    :param max_length: longest formatted exchange in tokens; longer ones keep their last tokens.
+    :param device: where to run it; default CUDA when available.
+    """
+
+    name = "reward_model"
+
+    def __init__(self, model, tokenizer=None, normalize: bool = False, batch_size: int = 16,
+                 max_length: int = 512, device=None):
+        self.stats = None
+        if isinstance(model, (str, os.PathLike)):
+            directory = Path(model)
+            if not (directory / "config.json").is_file():
+                raise FileNotFoundError(f"reward model directory {directory} has no config.json")
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+            model = AutoModelForSequenceClassification.from_pretrained(directory)
+            stats_file = directory / REWARD_STATS_FILE
+            self.stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+        if tokenizer is None:
+            raise ValueError("RewardModelReward with a loaded model needs tokenizer=")
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ValueError(f"a reward model has one output label, this one has {model.config.num_labels}")
+        if normalize and self.stats is None:
+            raise ValueError(f"normalize=True needs {REWARD_STATS_FILE} beside the reward model (its mean and std)")
+        ensure_pad_token(tokenizer)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = model.to(device).eval(), tokenizer
+        self.normalize, self.batch_size, self.max_length = normalize, batch_size, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses, **context) -> torch.Tensor:
+        texts = [format_exchange(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        ids = [self.tokenizer(t, add_special_tokens=False).input_ids[-self.max_length :] for t in texts]
+        scores = []
+        for start in range(0, len(ids), self.batch_size):
+            batch, mask = pad_left(ids[start : start + self.batch_size], self.tokenizer.pad_token_id, self.model.device)
+            scores.append(self.model(input_ids=batch, attention_mask=mask).logits[:, 0].float())
+        scores = torch.cat(scores)
+        if self.normalize:
+            scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-8)
+        return scores
+
+
+class LMJudgeReward(Reward):
+    """The env's own LM as judge: log-probability of a "yes" verdict under a judging prompt.
+
+    Uses the LM the env already holds (bound when the env is built), not a second copy.
+
+    :param judge_prompt: a template with ``{prompt}`` and ``{response}``; sent as one user message
+        (chat template) followed by the assistant's turn, whose first token is the verdict.
+    :param yes: the verdict word whose first token is scored.
+    :param no: if given, score log p(yes) - log p(no) instead of log p(yes).
+    """
+
+    name = "judge"
+    DEFAULT_PROMPT = (
+        "Here is a question and an answer.\n\nQuestion: {prompt}\n\nAnswer: {response}\n\n"
+        "Is the answer helpful, correct and polite? Reply with Yes or No."
+    )
+
+    def __init__(self, judge_prompt: str = DEFAULT_PROMPT, yes: str = "Yes", no: str | None = None,
+                 model=None, tokenizer=None):
+        if "{prompt}" not in judge_prompt or "{response}" not in judge_prompt:
+            raise ValueError("judge_prompt must contain {prompt} and {response}")
+        self.judge_prompt, self.yes, self.no = judge_prompt, yes, no
+        self.model, self.tokenizer = model, tokenizer
+
+    def bind(self, model, tokenizer) -> None:
+        """Judge with the env's LM unless a model was given."""
+        if self.model is None:
+            self.model, self.tokenizer = model, tokenizer
+
+    def __call__(self, prompts, responses, **context) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError("LMJudgeReward needs an LM: pass model= and tokenizer=, or use it inside an env")
+        chat = has_chat_template(self.tokenizer)
+        contexts = [
+            encode_prompt(self.tokenizer, self.judge_prompt.format(prompt=p, response=r), chat)
+            for p, r in zip(prompts, responses)
+        ]
+        logprobs = next_token_logprobs(self.model, contexts, self.tokenizer.pad_token_id)
+        score = logprobs[:, self._first_token(self.yes)]
+        if self.no is not None:
+            score = score - logprobs[:, self._first_token(self.no)]
+        return score
+
+    def _first_token(self, word: str) -> int:
+        return self.tokenizer(word, add_special_tokens=False).input_ids[0]
+
+
+class FluencyReward(Reward):
+    """Mean per-token log-likelihood of the response under the reference LM (≤ 0; higher is more fluent).
+
+    Inside the env it reads ``context["ref_logprobs"]`` (the env's LM scored every token as it was taken),
+    so it costs no forward. Elsewhere it runs the bound or given LM over prompt and response.
+    """
+
+    name = "fluency"
+
+    def __init__(self, model=None, tokenizer=None):
+        self.model, self.tokenizer = model, tokenizer
+
+    def bind(self, model, tokenizer) -> None:
+        """Score with the env's LM unless a model was given."""
+        if self.model is None:
+            self.model, self.tokenizer = model, tokenizer
+
+    def __call__(self, prompts, responses, ref_logprobs=None, **context) -> torch.Tensor:
+        if ref_logprobs is None:
+            ref_logprobs = self._score(prompts, responses)
+        return torch.stack([lp.float().mean() if len(lp) else torch.tensor(0.0) for lp in ref_logprobs]).cpu()
+
+    def _score(self, prompts, responses) -> list[torch.Tensor]:
+        if self.model is None:
+            raise ValueError("FluencyReward needs context['ref_logprobs'] or an LM (model=, tokenizer=)")
+        chat = has_chat_template(self.tokenizer)
+        prefixes = [encode_prompt(self.tokenizer, p, chat) for p in prompts]
+        continuations = [self.tokenizer(r, add_special_tokens=False).input_ids for r in responses]
+        return continuation_logprobs(self.model, prefixes, continuations, self.tokenizer.pad_token_id)
