@@ -16,7 +16,7 @@ from lm_gym.data import DataWarning, load_preferences, pairs_to_feedback
 from lm_gym.rewards import FeedbackReward
 
 DEFAULT_DATA = "../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz"
-SETTINGS = [(8, 0.5), (8, 0.3), (32, 0.3), (32, 0.0)]
+SETTINGS = [(8, 0.5), (8, 0.2), (32, 0.2), (32, 0.0)]
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ Run from the project root: ``python -m benchmarks.reward_throughput``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import tempfile
 import time
 import warnings
@@ -77,10 +79,7 @@ def main() -> None:
     print(f"machine: {describe_machine()}\nbatch: {BATCH} responses; encoder all-MiniLM-L6-v2; threshold {THRESHOLD}\n")
     print("| feedback items | literal loop s | FeedbackReward setup s | FeedbackReward per batch s | speed-up |")
     print("|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as cache:
-        import os
-
-        os.environ["LM_GYM_CACHE"] = cache  # a cold embedding cache, so setup is the real first-time cost
+    with tempfile.TemporaryDirectory() as cache, cold_embedding_cache(cache):
         for size in args.sizes:
             feedback = feedback_set(size, pool)
             loop_seconds, extrapolated = time_literal(encoder, feedback, queries, args.loop_sample)
@@ -96,6 +95,20 @@ def main() -> None:
             mark = " (extrapolated)" if extrapolated else ""
             print(f"| {size:,} | {loop_seconds:,.0f}{mark} | {setup:.1f} | {per_batch:.3f} | {loop_seconds / per_batch:,.0f}x |")
     model_rewards(queries)
+
+
+@contextlib.contextmanager
+def cold_embedding_cache(directory: str):
+    """Point the lm-gym cache at an empty directory (so setup is the real first-time cost), then restore it."""
+    saved = os.environ.get("LM_GYM_CACHE")
+    os.environ["LM_GYM_CACHE"] = directory
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LM_GYM_CACHE"]
+        else:
+            os.environ["LM_GYM_CACHE"] = saved
 
 
 def model_rewards(queries) -> None:

@@ -100,7 +100,7 @@ def test_feedback_embeddings_are_cached_on_disk(tmp_path, monkeypatch):
     first = FeedbackReward(FEEDBACK, encoder=encoder)(["q"], ["y"])
     second = FeedbackReward(FEEDBACK, encoder=encoder)(["q"], ["y"])
     assert torch.equal(first, second)
-    assert calls == [3, 4, 1, 1, 1, 1]  # feedback prompts and responses embedded once, queries each call
+    assert calls == [3, 4, 1, 1, 1, 1]  # distinct feedback prompts and responses embedded once, queries each call
     assert len(list((tmp_path / "embeddings").glob("*.pt"))) == 2
 
 
@@ -223,3 +223,19 @@ def test_env_reports_each_component_and_passes_context(make_tiny_env):
     assert set(parts) == {"fluency", "missing_eos", "length"} and parts["missing_eos"] == -1.0
     assert parts["length"] == pytest.approx(-0.5)
     assert total == pytest.approx(parts["fluency"] - 0.5 - 0.05, abs=1e-6)
+
+
+def test_faiss_index_gives_the_exact_result():
+    exact = feedback_reward(top_m=2)(["q", "far"], ["y", "y"])
+    approximate = feedback_reward(top_m=2, index="faiss")(["q", "far"], ["y", "y"])
+    assert torch.allclose(exact, approximate, atol=1e-5)
+
+
+def test_default_env_reward_blends_feedback_and_fluency(make_tiny_env):
+    env = make_tiny_env(max_new_tokens=2)
+    env.reset(seed=0)
+    env.step(9)
+    _, total, _, _, info = env.step(9)
+    parts = info["reward_components"]
+    assert set(parts) == {"feedback", "fluency"}
+    assert total == pytest.approx(0.5 * parts["feedback"] + 0.5 * parts["fluency"], abs=1e-6)

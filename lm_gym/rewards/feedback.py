@@ -41,7 +41,7 @@ class FeedbackReward(Reward):
         feedback: Sequence[FeedbackExample] | str | os.PathLike = "default",
         encoder="default",
         top_m: int = 8,
-        context_threshold: float = 0.5,
+        context_threshold: float = 0.2,
         similarity: str | Callable = "cosine",
         index: str = "exact",
         cache: bool = True,
@@ -70,19 +70,24 @@ class FeedbackReward(Reward):
             self.encoder = LMEncoder(model, tokenizer)
 
     def _prepare(self):
-        """Embed the feedback set once: unique prompts (normalised), responses, feedback values."""
+        """Embed the feedback set once (each distinct text once): prompts (normalised), responses, values."""
         if self._tables is None:
             if self.encoder is None:
                 raise RuntimeError("FeedbackReward(encoder='lm') must be bound to an LM (the env does this)")
-            prompts = sorted({item.prompt for item in self.feedback})
-            prompt_index = {prompt: i for i, prompt in enumerate(prompts)}
-            prompt_emb = _normalise(cached_embeddings(self.encoder, prompts, self.cache))
-            response_emb = cached_embeddings(self.encoder, [item.response for item in self.feedback], self.cache)
-            device = prompt_emb.device
-            item_prompt = torch.tensor([prompt_index[item.prompt] for item in self.feedback], device=device)
-            values = torch.tensor([item.feedback for item in self.feedback], device=device)
-            self._tables = (prompt_emb, item_prompt, response_emb, values, self._build_index(prompt_emb, item_prompt))
+            prompt_emb, item_prompt = self._embed_distinct([item.prompt for item in self.feedback])
+            response_emb, item_response = self._embed_distinct([item.response for item in self.feedback])
+            prompt_emb = _normalise(prompt_emb)
+            values = torch.tensor([item.feedback for item in self.feedback], device=prompt_emb.device)
+            index = self._build_index(prompt_emb, item_prompt)
+            self._tables = (prompt_emb, item_prompt, response_emb[item_response], values, index)
         return self._tables
+
+    def _embed_distinct(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the distinct texts, and each text's row among them."""
+        distinct = sorted(set(texts))
+        row = {text: i for i, text in enumerate(distinct)}
+        embeddings = cached_embeddings(self.encoder, distinct, self.cache)
+        return embeddings, torch.tensor([row[text] for text in texts], device=embeddings.device)
 
     def _build_index(self, prompt_emb: torch.Tensor, item_prompt: torch.Tensor):
         if self.index_kind == "exact":
