@@ -1,4 +1,8 @@
-"""lm-gym agents: the Transformer as the RL policy (PPO for token episodes, reward models).
+"""lm-gym agents: the Transformer as the RL policy.
 
 The agents build on :mod:`lm_gym`; :mod:`lm_gym` never imports them.
 """
+
+from agents.policy import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
+
+__all__ = ["MaskableTransformerActorCriticPolicy", "TransformerActorCriticPolicy"]

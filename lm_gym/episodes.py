@@ -34,9 +34,11 @@ class EpisodeBatch:
     :param num_rows: number of episodes stepped together.
     :param max_tokens: most tokens a row may hold.
     :param pad_token_id: id that fills unused positions (always masked).
+    :param keep_hidden: also keep the last hidden state at every row's latest position (``next_hidden``),
+        for value heads.
     """
 
-    def __init__(self, model, num_rows: int, max_tokens: int, pad_token_id: int):
+    def __init__(self, model, num_rows: int, max_tokens: int, pad_token_id: int, keep_hidden: bool = False):
         self.model = model
         self.device = model.device
         self.num_rows = num_rows
@@ -49,6 +51,8 @@ class EpisodeBatch:
         capacity = max_tokens + max(8, max_tokens // 4)
         self.cache = EpisodeCache(num_layers, num_rows, capacity, self.device)
         self._cache_keyword = cache_keyword(model)
+        self.keep_hidden = keep_hidden
+        self.next_hidden: torch.Tensor | None = None
 
     @torch.no_grad()
     def prefill(self, rows: Sequence[int], contexts: Sequence[Sequence[int]]) -> None:
@@ -66,11 +70,16 @@ class EpisodeBatch:
         prefill_cache = DynamicCache()
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **{self._cache_keyword: prefill_cache},
+            output_hidden_states=self.keep_hidden, **{self._cache_keyword: prefill_cache},
         )
         row_index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
         self.cache.place(row_index, prefill_cache, mask)
         self.next_logprobs[row_index] = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        if self.keep_hidden:
+            hidden = out.hidden_states[-1][:, -1].float()
+            if self.next_hidden is None:
+                self.next_hidden = hidden.new_zeros(self.num_rows, hidden.shape[-1])
+            self.next_hidden[row_index] = hidden
         self._write_tokens(row_index, ids, mask)
 
     def _write_tokens(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -109,9 +118,11 @@ class EpisodeBatch:
         positions = torch.where(forward, self.lengths - 1, 0)[:, None]
         out = self.model(
             input_ids=ids, attention_mask=cache.attention_mask(1), position_ids=positions, use_cache=True,
-            **{self._cache_keyword: cache},
+            output_hidden_states=self.keep_hidden, **{self._cache_keyword: cache},
         )
         self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        if self.keep_hidden:
+            self.next_hidden = out.hidden_states[-1][:, -1].float()
 
     def logprobs_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[i] | row i so far) under the model, for every row."""

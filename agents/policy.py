@@ -1,0 +1,223 @@
+"""The Transformer as a stable-baselines3 actor-critic policy.
+
+The LM head gives the action logits (divided by ``temperature``, the same logits for sampling and for
+log-probs), a value head on the last hidden state gives V(s). Pretrained weights are kept (no orthogonal
+init); per-part learning rates survive SB3's learning-rate schedule; rollouts run one new token per env
+row through a KV cache (:class:`agents.cached_lm.CachedLM`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.distributions import CategoricalDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from torch import nn
+
+from agents.cached_lm import CachedLM
+from lm_gym.env import resolve_model
+
+PARTS = ("body", "head", "value")
+
+
+def apply_lora(model, lora):
+    """Wrap ``model`` with LoRA adapters (``lora``: a peft ``LoraConfig`` or a dict of its fields)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
+    return get_peft_model(model, config)
+
+
+def scaled_lr(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """A subclass of ``optimizer_class`` that multiplies each group's lr by its ``lr_scale`` at every step.
+
+    SB3 sets every group's lr to the schedule's value before each update; the scale keeps the per-part
+    ratios (body, head, value) that the policy was built with.
+    """
+
+    class ScaledLR(optimizer_class):
+        def step(self, closure=None):
+            base = [group["lr"] for group in self.param_groups]
+            for group in self.param_groups:
+                group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+            try:
+                return super().step(closure)
+            finally:
+                for group, lr in zip(self.param_groups, base):
+                    group["lr"] = lr
+
+    ScaledLR.__name__ = f"ScaledLR{optimizer_class.__name__}"
+    return ScaledLR
+
+
+class TransformerPolicyMixin:
+    """What the plain and the maskable Transformer policies share (see the module docstring).
+
+    Policy keywords (``policy_kwargs``):
+
+    :param model: ``"default"``, ``"tiny"``, a directory, a hub id, or a loaded causal LM.
+    :param tokenizer: with a loaded model whose tokenizer cannot be loaded from ``name_or_path``.
+    :param value_head: ``"shared"`` (a linear head on the policy LM's last hidden state) or ``"separate"``
+        (a linear head on its own copy of the LM, or on ``value_model``).
+    :param value_model: the backbone of a separate value head (name, path or loaded causal LM).
+    :param lora: ``None`` (full fine-tuning) or LoRA settings (peft ``LoraConfig`` or a dict of its fields).
+    :param temperature: π(a|s) = softmax(logits / temperature).
+    :param learning_rates: ``{"body", "head", "value"}`` initial learning rates; missing parts use SB3's
+        ``learning_rate``. The schedule scales all of them alike.
+    :param device: device of the LM; default CUDA when available.
+    """
+
+    def _setup_transformer(self, model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device):
+        if value_head not in ("shared", "separate"):
+            raise ValueError(f"value_head={value_head!r}; expected 'shared' or 'separate'")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        unknown = set(learning_rates or {}) - set(PARTS)
+        if unknown:
+            raise ValueError(f"learning_rates has unknown parts {sorted(unknown)}; expected among {PARTS}")
+        self.transformer_kwargs = dict(
+            model=model, tokenizer=tokenizer, value_head=value_head, value_model=value_model, lora=lora,
+            temperature=temperature, learning_rates=learning_rates, device=device,
+        )
+        self.temperature = temperature
+        lm, self.tokenizer = resolve_model(model, tokenizer, device, None)
+        lm = apply_lora(lm, lora) if lora else lm.requires_grad_(True)
+        backbone = None
+        if value_head == "separate":
+            backbone = resolve_model(value_model, None, device, None)[0] if value_model is not None else copy.deepcopy(lm)
+            backbone.requires_grad_(True)
+        # nn.Module forbids assigning submodules before its __init__; _build (called by SB3's __init__) does it.
+        self._networks = {"lm": lm, "value_backbone": backbone}
+
+    def _build_networks(self) -> None:
+        networks = self.__dict__.pop("_networks")
+        self.lm, self.value_backbone = networks["lm"], networks["value_backbone"]
+        self.policy_lm = CachedLM(self.lm, self.tokenizer.pad_token_id)
+        self.value_lm = None if self.value_backbone is None else CachedLM(self.value_backbone, self.tokenizer.pad_token_id)
+        hidden = (self.value_backbone or self.lm).config.get_text_config().hidden_size
+        self.value_net_head = nn.Linear(hidden, 1).to(self.lm.device)
+
+    def _build(self, lr_schedule) -> None:
+        """Build the networks, and the optimizer over LM body, LM head and value head with their own rates."""
+        self._build_networks()
+        base = lr_schedule(1)
+        rates = {part: (self.transformer_kwargs["learning_rates"] or {}).get(part, base) for part in PARTS}
+        groups = [
+            {"params": params, "lr": base, "lr_scale": rates[part] / base, "name": part}
+            for part, params in self._parameter_groups().items() if params
+        ]
+        self.optimizer = scaled_lr(self.optimizer_class)(groups, lr=base, **self.optimizer_kwargs)
+
+    def _parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        head_ids = {id(p) for p in self.lm.get_output_embeddings().parameters()}
+        value = list(self.value_net_head.parameters())
+        if self.value_backbone is not None:
+            value += [p for p in self.value_backbone.parameters() if p.requires_grad]
+        trainable = [p for p in self.lm.parameters() if p.requires_grad]
+        return {
+            "body": [p for p in trainable if id(p) not in head_ids],
+            "head": [p for p in trainable if id(p) in head_ids],
+            "value": value,
+        }
+
+    # --- the forward passes ------------------------------------------------------------------------------
+
+    def _tokens(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
+        return obs["input_ids"].long(), obs["attention_mask"].long()
+
+    def _read(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action logits (B, V), values (B, 1)), incrementally in rollouts, fully when training."""
+        ids, mask = self._tokens(obs)
+        incremental = not torch.is_grad_enabled()
+        read = (lambda lm: lm.incremental(ids, mask)) if incremental else (lambda lm: lm.full(ids, mask))
+        logits, hidden = read(self.policy_lm)
+        if self.value_lm is not None:
+            hidden = read(self.value_lm)[1]
+        return logits / self.temperature, self.value_net_head(hidden)
+
+    def predict_values(self, obs) -> torch.Tensor:
+        """V(s) for a batch of observations."""
+        return self._read(obs)[1]
+
+    def set_training_mode(self, mode: bool) -> None:
+        """Switch modes; dropout stays off in the LMs, and the rollout cache is dropped (weights change)."""
+        super().set_training_mode(mode)
+        self.lm.eval()
+        self.policy_lm.reset_cache()
+        if self.value_lm is not None:
+            self.value_backbone.eval()
+            self.value_lm.reset_cache()
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(self.transformer_kwargs)
+        return data
+
+
+class TransformerActorCriticPolicy(TransformerPolicyMixin, ActorCriticPolicy):
+    """SB3 ``ActorCriticPolicy`` whose network is a causal LM (for ``PPO``, ``A2C``)."""
+
+    def __init__(
+        self, observation_space, action_space, lr_schedule, *, model="default", tokenizer=None,
+        value_head: str = "shared", value_model=None, lora=None, temperature: float = 1.0,
+        learning_rates: dict | None = None, device=None, **kwargs,
+    ):
+        self._setup_transformer(model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device)
+        kwargs["ortho_init"] = False
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def forward(self, obs, deterministic: bool = False):
+        """Sample (or take the most likely) token: (actions, values, log π(actions))."""
+        logits, values = self._read(obs)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values, distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs, actions):
+        """(values, log π(actions), entropy) with gradients, for the PPO/A2C losses."""
+        logits, values = self._read(obs)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        return values, distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs) -> CategoricalDistribution:
+        """π(·|s) as an SB3 distribution."""
+        return self.action_dist.proba_distribution(action_logits=self._read(obs)[0])
+
+
+class MaskableTransformerActorCriticPolicy(TransformerPolicyMixin, MaskableActorCriticPolicy):
+    """The Transformer policy for ``sb3_contrib.MaskablePPO``: disallowed tokens get probability 0."""
+
+    def __init__(
+        self, observation_space, action_space, lr_schedule, *, model="default", tokenizer=None,
+        value_head: str = "shared", value_model=None, lora=None, temperature: float = 1.0,
+        learning_rates: dict | None = None, device=None, **kwargs,
+    ):
+        self._setup_transformer(model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device)
+        kwargs["ortho_init"] = False
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _masked(self, logits, action_masks):
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        if action_masks is not None:
+            distribution.apply_masking(action_masks)
+        return distribution
+
+    def forward(self, obs, deterministic: bool = False, action_masks=None):
+        """Sample an allowed token: (actions, values, log π(actions))."""
+        logits, values = self._read(obs)
+        distribution = self._masked(logits, action_masks)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values, distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs, actions, action_masks=None):
+        """(values, log π(actions), entropy) under the mask, with gradients."""
+        logits, values = self._read(obs)
+        distribution = self._masked(logits, action_masks)
+        return values, distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs, action_masks=None):
+        """π(·|s) under the mask."""
+        return self._masked(self._read(obs)[0], action_masks)
