@@ -18,8 +18,12 @@ from lm_gym.kv_cache import EpisodeCache
 
 
 def cache_keyword(model) -> str:
-    """The forward keyword that takes a KV cache (``cache`` in recent transformers, else ``past_key_values``)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The forward keyword that takes a KV cache (``cache`` in recent transformers, else ``past_key_values``).
+
+    Read from the model class (under any PEFT wrapper), whose signature names its keywords.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def output_vocab_size(model) -> int:
