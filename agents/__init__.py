@@ -4,5 +4,6 @@ The agents build on :mod:`lm_gym`; :mod:`lm_gym` never imports them.
 """
 
 from agents.policy import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
+from agents.ppo import LMPPO
 
-__all__ = ["MaskableTransformerActorCriticPolicy", "TransformerActorCriticPolicy"]
+__all__ = ["LMPPO", "MaskableTransformerActorCriticPolicy", "TransformerActorCriticPolicy"]

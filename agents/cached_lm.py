@@ -29,14 +29,14 @@ class CachedLM:
         """Forget the rollout cache (the weights changed, or rollouts start afresh)."""
         self._batch, self._previous = None, None
 
-    def full(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, V) float32, hidden (B, H) float32) at the last position, from a full forward."""
+    def full(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, keep, V), hidden (B, keep, H)), float32, at the last ``keep`` positions: one forward."""
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep,
             output_hidden_states=True,
         )
-        return out.logits[:, -1].float(), out.hidden_states[-1][:, -1].float()
+        return out.logits.float(), out.hidden_states[-1][:, -keep:].float()
 
     @torch.no_grad()
     def incremental(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

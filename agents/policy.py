@@ -131,12 +131,20 @@ class TransformerPolicyMixin:
     def _read(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
         """(action logits (B, V), values (B, 1)), incrementally in rollouts, fully when training."""
         ids, mask = self._tokens(obs)
-        incremental = not torch.is_grad_enabled()
-        read = (lambda lm: lm.incremental(ids, mask)) if incremental else (lambda lm: lm.full(ids, mask))
-        logits, hidden = read(self.policy_lm)
+        if torch.is_grad_enabled():
+            logits, values = self.read_positions(ids, mask, keep=1)
+            return logits[:, -1], values[:, -1:]
+        logits, hidden = self.policy_lm.incremental(ids, mask)
         if self.value_lm is not None:
-            hidden = read(self.value_lm)[1]
+            hidden = self.value_lm.incremental(ids, mask)[1]
         return logits / self.temperature, self.value_net_head(hidden)
+
+    def read_positions(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action logits (B, keep, V), values (B, keep)) at the last ``keep`` positions, in one forward."""
+        logits, hidden = self.policy_lm.full(ids, mask, keep)
+        if self.value_lm is not None:
+            hidden = self.value_lm.full(ids, mask, keep)[1]
+        return logits / self.temperature, self.value_net_head(hidden).squeeze(-1)
 
     def predict_values(self, obs) -> torch.Tensor:
         """V(s) for a batch of observations."""

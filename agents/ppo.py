@@ -1,0 +1,246 @@
+"""``LMPPO``: stable-baselines3 PPO specialised for token episodes.
+
+Same API as SB3's ``PPO`` (``learn``, ``save``, ``load``, ``predict``), same clipped objective, but:
+
+- rollouts store each episode once as :class:`agents.segments.Segment` (context, tokens, log-probs,
+  values, reference log-probs, rewards), not one padded observation per token;
+- ``train()`` evaluates every token of a segment in one forward of the Transformer;
+- the PPO-for-LM recipe: token-level KL penalty to the reference in the reward (r_t = -β·(log π - log π_ref),
+  plus the env's sequence reward on the last token), GAE with γ = 1, λ = 0.95, value bootstrap on
+  truncation only, masked advantage whitening, running reward normalisation with clipping, policy and
+  value clipping 0.2, global grad-norm clip 1.0, no entropy bonus, dropout off.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.utils import explained_variance
+
+from agents.advantages import gae, kl_shaped_rewards, masked_whiten
+from agents.policy import TransformerActorCriticPolicy
+from agents.segments import SegmentBatch, SegmentCollector
+from lm_gym.rewards.combine import RunningMeanStd
+
+
+class LMPPO(PPO):
+    """PPO for language-model token episodes (see the module docstring).
+
+    Takes SB3 ``PPO``'s keywords, with LM defaults, plus:
+
+    :param kl_coef: β of the per-token KL penalty to the reference model (the env's ``ref_logprob``).
+    :param kl_target: if set, adapt β towards this mean KL per episode (proportional controller).
+    :param kl_horizon: horizon (in tokens) of the adaptive controller.
+    :param normalize_reward: standardise the env's rewards with running statistics before the KL term.
+    :param reward_clip: clip normalised rewards to ±this value.
+    :param batch_size: tokens per minibatch (whole segments are kept together).
+    """
+
+    def __init__(
+        self, policy=TransformerActorCriticPolicy, env=None, learning_rate=1e-5, n_steps: int = 64,
+        batch_size: int = 256, n_epochs: int = 4, gamma: float = 1.0, gae_lambda: float = 0.95,
+        clip_range: float = 0.2, clip_range_vf: float | None = 0.2, ent_coef: float = 0.0, vf_coef: float = 0.5,
+        max_grad_norm: float = 1.0, kl_coef: float = 0.05, kl_target: float | None = None,
+        kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0, **kwargs,
+    ):
+        self.kl_coef, self.kl_target, self.kl_horizon = kl_coef, kl_target, kl_horizon
+        self.normalize_reward, self.reward_clip = normalize_reward, reward_clip
+        self.reward_stats = RunningMeanStd()
+        super().__init__(
+            policy, env, learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+            gamma=gamma, gae_lambda=gae_lambda, clip_range=clip_range, clip_range_vf=clip_range_vf,
+            ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm, **kwargs,
+        )
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self.rollout_buffer = None  # replaced by segments: nothing is stored per padded observation
+        self.segments: list = []
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "segments"]
+
+    # --- rollouts ------------------------------------------------------------------------------------
+
+    def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
+        """Run ``n_rollout_steps`` steps of every env row and store the tokens as segments."""
+        self.policy.set_training_mode(False)
+        collector = SegmentCollector(env.num_envs)
+        obs = self._last_obs
+        for row in range(env.num_envs):
+            collector.begin(row, _context(obs, row))
+        started, steps = time.perf_counter(), 0
+        callback.on_rollout_start()
+        while steps < n_rollout_steps:
+            with torch.no_grad():
+                actions, values, log_probs = self.policy(_tensors(obs, self.device))
+            actions = actions.cpu().numpy()
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._record(collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos)
+            obs, steps = new_obs, steps + 1
+        with torch.no_grad():
+            last_values = self.policy.predict_values(_tensors(obs, self.device)).flatten().cpu().numpy()
+        for row in range(env.num_envs):
+            collector.close(row, float(last_values[row]))
+        self._last_obs = obs
+        self.segments = collector.finished
+        self.rollout_seconds = time.perf_counter() - started
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _record(self, collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos) -> None:
+        for row, info in enumerate(infos):
+            if "ref_logprob" not in info:
+                raise ValueError("LMPPO needs info['ref_logprob'] from the env (LanguageModelEnv provides it)")
+            collector.add(row, int(actions[row]), float(log_probs[row]), float(values[row]),
+                          info["ref_logprob"], float(rewards[row]), "reward_components" in info)
+            if dones[row]:
+                truncated = info.get("TimeLimit.truncated", False)
+                next_value = self._terminal_value(info["terminal_observation"]) if truncated else 0.0
+                collector.close(row, next_value, terminated=not truncated, ended=True,
+                                reward_components=info.get("reward_components"))
+                collector.begin(row, _context(new_obs, row))
+
+    def _terminal_value(self, terminal_obs) -> float:
+        with torch.no_grad():
+            obs = {key: torch.as_tensor(value[None], device=self.device) for key, value in terminal_obs.items()}
+            return float(self.policy.predict_values(obs).flatten()[0])
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """PPO epochs over the rollout's segments, each minibatch evaluated in one forward per segment."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)
+        clip_range_vf = self.clip_range_vf(self._current_progress_remaining) if self.clip_range_vf else None
+        data = self._prepare_batch()
+        logs: dict[str, list[float]] = {}
+        started = time.perf_counter()
+        for _ in range(self.n_epochs):
+            for rows in self._minibatches(data.mask):
+                stats = self._update(data, rows, clip_range, clip_range_vf)
+                for key, value in stats.items():
+                    logs.setdefault(key, []).append(value)
+        self._n_updates += self.n_epochs
+        self._log(data, logs, time.perf_counter() - started)
+
+    def _prepare_batch(self) -> SegmentBatch:
+        """Pad the segments, add the KL penalty to the (normalised) rewards, compute GAE advantages."""
+        data = SegmentBatch.from_segments(self.segments, self.policy.tokenizer.pad_token_id, self.device)
+        scores, scored = data.scores, data.scored.bool()
+        if self.normalize_reward and bool(scored.any()):
+            self.reward_stats.update(scores[scored].cpu())
+            normalised = self.reward_stats.normalise(scores).clamp(-self.reward_clip, self.reward_clip)
+            scores = torch.where(scored, normalised, scores)
+        rewards = kl_shaped_rewards(scores, data.logprobs, data.ref_logprobs, data.mask, self.kl_coef)
+        data.advantages, data.returns = gae(rewards, data.values, data.mask, data.next_values, self.gamma, self.gae_lambda)
+        return data
+
+    def _minibatches(self, mask: torch.Tensor):
+        """Shuffled groups of whole segments holding about ``batch_size`` tokens each."""
+        order = torch.randperm(mask.shape[0]).tolist()
+        tokens = mask.sum(dim=1).tolist()
+        group, count = [], 0
+        for row in order:
+            group.append(row)
+            count += tokens[row]
+            if count >= self.batch_size:
+                yield group
+                group, count = [], 0
+        if group:
+            yield group
+
+    def _update(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf) -> dict[str, float]:
+        loss, stats = self.segment_loss(data, rows, clip_range, clip_range_vf)
+        self.policy.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        self.policy.optimizer.step()
+        return stats
+
+    def segment_loss(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf=None):
+        """SB3 PPO's loss on all tokens of the segments ``rows``, from one forward per segment."""
+        index = torch.as_tensor(rows, device=data.mask.device)
+        ids, attention, mask = data.ids[index], data.attention_mask[index], data.mask[index]
+        steps = int(mask.sum(dim=1).max())
+        trim = lambda t: t[index][:, :steps]  # noqa: E731
+        ids, attention = _trim_left(ids, attention)
+        logits, values = self.policy.read_positions(ids, attention, keep=steps + 1)
+        sub = SegmentBatch(ids, attention, trim(data.tokens), mask[:, :steps], trim(data.logprobs), trim(data.values),
+                           trim(data.ref_logprobs), trim(data.scores), trim(data.scored), data.next_values[index])
+        columns = sub.positions()
+        logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
+        values = values.gather(1, columns)
+        distribution = torch.distributions.Categorical(logits=logits)
+        log_prob, entropy, valid = distribution.log_prob(sub.tokens), distribution.entropy(), sub.mask.bool()
+        advantages = trim(data.advantages)
+        if self.normalize_advantage and valid.sum() > 1:
+            advantages = masked_whiten(advantages, sub.mask)
+        ratio = torch.exp(log_prob - sub.logprobs)
+        policy_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_range, 1 + clip_range))[valid].mean()
+        if clip_range_vf is not None:
+            values = sub.values + (values - sub.values).clamp(-clip_range_vf, clip_range_vf)
+        value_loss = ((trim(data.returns) - values) ** 2)[valid].mean()
+        entropy_loss = -entropy[valid].mean()
+        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+        with torch.no_grad():
+            log_ratio = (log_prob - sub.logprobs)[valid]
+            stats = {
+                "policy_gradient_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                "entropy_loss": entropy_loss.item(), "loss": loss.item(),
+                "approx_kl": ((log_ratio.exp() - 1) - log_ratio).mean().item(),
+                "clip_fraction": ((ratio[valid] - 1).abs() > clip_range).float().mean().item(),
+                "ratio_mean": ratio[valid].mean().item(),
+            }
+        return loss, stats
+
+    def _log(self, data: SegmentBatch, logs: dict[str, list[float]], train_seconds: float) -> None:
+        for key, values in logs.items():
+            self.logger.record(f"train/{key}", float(np.mean(values)))
+        valid = data.mask.bool()
+        kl = ((data.logprobs - data.ref_logprobs) * data.mask).sum(dim=1)
+        episodes = [s for s in self.segments if s.ended]
+        scores = [sum(s.scores) for s in episodes]
+        tokens = int(data.mask.sum())
+        self.logger.record("train/explained_variance",
+                           explained_variance(data.values[valid].cpu().numpy(), data.returns[valid].cpu().numpy()))
+        self.logger.record("train/kl_coef", self.kl_coef)
+        self.logger.record("rollout/kl_per_segment", float(kl.mean()))
+        self.logger.record("rollout/response_length", float(data.mask.sum(dim=1).mean()))
+        self.logger.record("rollout/eos_rate", float(np.mean([s.terminated for s in episodes])) if episodes else 0.0)
+        if scores:
+            self.logger.record("rollout/reward_mean", float(np.mean(scores)))
+            self.logger.record("rollout/reward_std", float(np.std(scores)))
+            for name in episodes[-1].reward_components:
+                parts = [s.reward_components[name] for s in episodes if name in s.reward_components]
+                self.logger.record(f"rollout/reward_{name}", float(np.mean(parts)))
+        self.logger.record("time/rollout_tokens_per_s", tokens / max(self.rollout_seconds, 1e-9))
+        self.logger.record("time/train_tokens_per_s", tokens * self.n_epochs / max(train_seconds, 1e-9))
+        if self.kl_target is not None:
+            error = float(np.clip(kl.mean().item() / self.kl_target - 1, -0.2, 0.2))
+            self.kl_coef *= 1 + error * tokens / self.kl_horizon
+
+
+def _context(obs, row: int) -> list[int]:
+    mask = np.asarray(obs["attention_mask"][row]).astype(bool)
+    return np.asarray(obs["input_ids"][row])[mask].astype(np.int64).tolist()
+
+
+def _tensors(obs, device) -> dict[str, torch.Tensor]:
+    return {key: torch.as_tensor(value, device=device) for key, value in obs.items()}
+
+
+def _trim_left(ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop leading columns that are padding in every row."""
+    used = attention.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    return ids[:, start:], attention[:, start:]

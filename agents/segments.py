@@ -1,0 +1,112 @@
+"""Token episodes stored once: a segment is a context plus the tokens an agent took after it.
+
+A rollout of n steps over N env rows yields segments: each starts where an episode (or the rollout)
+started and ends at the episode's end or the rollout's end. Per token a segment keeps the policy's
+log-prob, the value, the reference log-prob and the env's reward; nothing is stored per padded observation.
+:class:`SegmentBatch` pads a list of segments into tensors for one forward per segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Segment:
+    """One piece of an episode: ``context`` token ids, then the agent's ``tokens`` with their statistics."""
+
+    context: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    ref_logprobs: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    scored: list[bool] = field(default_factory=list)  # the env scored a response at this token
+    next_value: float = 0.0  # V(s') after the last token when truncated, 0 when terminated
+    terminated: bool = False
+    ended: bool = False  # the episode ended here (not just the rollout)
+    reward_components: dict = field(default_factory=dict)
+
+
+class SegmentCollector:
+    """Builds segments while a vectorised rollout runs, one open segment per env row."""
+
+    def __init__(self, num_envs: int):
+        self.open: list[Segment | None] = [None] * num_envs
+        self.finished: list[Segment] = []
+
+    def begin(self, row: int, context: list[int]) -> None:
+        """Open a segment for ``row`` starting from ``context``."""
+        self.open[row] = Segment(context=list(context))
+
+    def add(self, row: int, token: int, logprob: float, value: float, ref_logprob: float, score: float,
+            scored: bool) -> None:
+        """Record one token of ``row``."""
+        segment = self.open[row]
+        segment.tokens.append(token)
+        segment.logprobs.append(logprob)
+        segment.values.append(value)
+        segment.ref_logprobs.append(ref_logprob)
+        segment.scores.append(score)
+        segment.scored.append(scored)
+
+    def close(self, row: int, next_value: float, terminated: bool = False, ended: bool = False,
+              reward_components: dict | None = None) -> None:
+        """Close ``row``'s segment (if it holds tokens) with its bootstrap value."""
+        segment = self.open[row]
+        self.open[row] = None
+        if segment is not None and segment.tokens:
+            segment.next_value, segment.terminated, segment.ended = next_value, terminated, ended
+            segment.reward_components = reward_components or {}
+            self.finished.append(segment)
+
+
+@dataclass
+class SegmentBatch:
+    """Segments as padded tensors: the sequences (right-aligned) and the per-token statistics (left-aligned)."""
+
+    ids: torch.Tensor  # (S, W) context + tokens, left-padded
+    attention_mask: torch.Tensor  # (S, W)
+    tokens: torch.Tensor  # (S, T) the agent's tokens
+    mask: torch.Tensor  # (S, T) 1 for real tokens
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor
+    scored: torch.Tensor  # (S, T) 1 where the env scored a response
+    next_values: torch.Tensor  # (S,)
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @classmethod
+    def from_segments(cls, segments: list[Segment], pad_token_id: int, device) -> "SegmentBatch":
+        """Pad ``segments`` into tensors on ``device``."""
+        width = max(len(s.context) + len(s.tokens) for s in segments)
+        steps = max(len(s.tokens) for s in segments)
+        ids = torch.full((len(segments), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(segments), width), dtype=torch.long)
+        names = ("logprobs", "values", "ref_logprobs", "scores", "scored")
+        per_token = {name: torch.zeros(len(segments), steps) for name in names}
+        tokens = torch.full((len(segments), steps), pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(segments), steps)
+        for row, segment in enumerate(segments):
+            sequence = segment.context + segment.tokens
+            ids[row, width - len(sequence) :] = torch.as_tensor(sequence)
+            attention[row, width - len(sequence) :] = 1
+            n = len(segment.tokens)
+            tokens[row, :n] = torch.as_tensor(segment.tokens)
+            mask[row, :n] = 1
+            for name, table in per_token.items():
+                table[row, :n] = torch.as_tensor(getattr(segment, name), dtype=torch.float32)
+        next_values = torch.tensor([s.next_value for s in segments])
+        to = lambda t: t.to(device)  # noqa: E731
+        return cls(to(ids), to(attention), to(tokens), to(mask), *(to(per_token[k]) for k in per_token), to(next_values))
+
+    def positions(self) -> torch.Tensor:
+        """(S, T) column of the state before each token, among the last T + 1 columns of ``ids``."""
+        lengths = self.mask.sum(dim=1).long()
+        steps = self.mask.shape[1]
+        columns = torch.arange(steps, device=self.mask.device)[None, :] + (steps - lengths)[:, None]
+        return columns.clamp(max=steps)  # padding entries point at the last column; they are masked
