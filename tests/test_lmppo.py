@@ -1,0 +1,154 @@
+"""LMPPO: the advantage maths by hand, the recipe's placements, and equality with stock SB3 PPO's update."""
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.logger import configure
+
+from agents import LMPPO, TransformerActorCriticPolicy
+from agents.advantages import gae, kl_shaped_rewards, masked_whiten
+from agents.segments import Segment, SegmentBatch
+from lm_gym.sb3 import SB3VecEnv
+
+
+def test_gae_by_hand_with_termination_and_truncation():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [1.0, 2.0, 9.0]])  # 9.0 sits on padding and must not matter
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    next_values = torch.tensor([0.0, 4.0])  # row 0 terminated (no bootstrap), row 1 truncated (bootstrap V=4)
+    gamma, lam = 0.9, 0.8
+    # row 0: deltas d2 = 2 - 1.5, d1 = 0 + .9*1.5 - 1, d0 = 1 + .9*1 - .5
+    d = [1 + 0.9 * 1.0 - 0.5, 0.9 * 1.5 - 1.0, 2.0 - 1.5]
+    a2 = d[2]
+    a1 = d[1] + gamma * lam * a2
+    a0 = d[0] + gamma * lam * a1
+    # row 1: deltas e1 = 1 + .9*4 - 2, e0 = .5 + .9*2 - 1
+    e1 = 1.0 + 0.9 * 4.0 - 2.0
+    e0 = 0.5 + 0.9 * 2.0 - 1.0 + gamma * lam * e1
+    advantages, returns = gae(rewards, values, mask, next_values, gamma, lam)
+    assert advantages.flatten().tolist() == pytest.approx([a0, a1, a2, e0, e1, 0.0])
+    assert returns.flatten().tolist() == pytest.approx([a0 + 0.5, a1 + 1.0, a2 + 1.5, e0 + 1.0, e1 + 2.0, 0.0])
+
+
+def test_kl_penalty_per_token_and_sequence_reward_on_the_last_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5]])
+    scores = torch.tensor([[0.0, 0.0, 3.0]])  # the env's reward arrives with the EOS token
+    rewards = kl_shaped_rewards(scores, logprobs, ref, torch.ones(1, 3), kl_coef=0.1)
+    assert rewards.flatten().tolist() == pytest.approx([-0.05, 0.1, 3.0])
+
+
+def test_masked_whitening_ignores_padding():
+    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    whitened = masked_whiten(values, mask)
+    real = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    expected = (real - real.mean()) / real.std()
+    assert whitened[:, :2].flatten().tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert whitened[:, 2].tolist() == [0.0, 0.0]
+
+
+@pytest.fixture
+def env(tiny):
+    model, tokenizer = tiny
+    return SB3VecEnv(3, model=model, tokenizer=tokenizer, max_new_tokens=5, max_prompt_tokens=64,
+                     reward=lambda p, r, **c: [float(len(x)) for x in r])
+
+
+def make_agent(env, **kwargs):
+    settings = dict(n_steps=8, batch_size=10**6, n_epochs=1, learning_rate=1e-3, seed=0, device="cpu",
+                    policy_kwargs={"model": "tiny", "temperature": 0.7, "optimizer_class": torch.optim.SGD},
+                    max_grad_norm=1e9)
+    settings.update(kwargs)
+    return LMPPO(env=env, **settings)
+
+
+def collect(agent):
+    agent._setup_learn(total_timesteps=agent.n_steps * agent.n_envs, callback=None)
+    callback = agent._init_callback(None)
+    agent.collect_rollouts(agent.env, callback, None, agent.n_steps)
+    return agent._prepare_batch()
+
+
+def test_rollout_log_probs_match_the_one_forward_per_segment_evaluation(env):
+    agent = make_agent(env)
+    data = collect(agent)
+    assert data.mask.sum() == agent.n_steps * agent.n_envs
+    _, stats = agent.segment_loss(data, list(range(len(agent.segments))), 0.2, 0.2)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and stats["approx_kl"] < 1e-8
+
+
+def test_segments_bootstrap_truncation_not_termination(env):
+    agent = make_agent(env, n_steps=12)
+    collect(agent)
+    ended = [s for s in agent.segments if s.ended]
+    assert any(s.terminated is False for s in ended)  # the length limit truncates: bootstrapped
+    for segment in agent.segments:
+        if segment.terminated:
+            assert segment.next_value == 0.0
+        else:
+            assert segment.next_value != 0.0
+    for segment in ended:
+        assert segment.scored[-1] and not any(segment.scored[:-1])  # the reward sits on the last token
+
+
+def test_padding_is_masked_out_of_the_loss(env):
+    agent = make_agent(env, normalize_advantage=False)
+    data = collect(agent)
+    lengths = data.mask.sum(dim=1)
+    short, long = int(lengths.argmin()), int(lengths.argmax())
+    assert lengths[short] < lengths[long]
+    together, _ = agent.segment_loss(data, [short, long], 0.2, None)
+    alone = [agent.segment_loss(data, [row], 0.2, None)[0] for row in (short, long)]
+    weights = lengths[[short, long]]
+    expected = float((weights * torch.stack(alone).detach()).sum() / weights.sum())
+    assert together.item() == pytest.approx(expected, rel=1e-4)
+
+
+def per_token_observations(segments, length):
+    """The padded observation before every token, as stock SB3 stores them."""
+    ids, masks = [], []
+    for segment in segments:
+        for j in range(len(segment.tokens)):
+            sequence = segment.context + segment.tokens[:j]
+            row = np.zeros(length, dtype=np.int64)
+            mask = np.zeros(length, dtype=np.int64)
+            row[length - len(sequence):], mask[length - len(sequence):] = sequence, 1
+            ids.append(row)
+            masks.append(mask)
+    return np.stack(ids), np.stack(masks)
+
+
+def test_update_equals_stock_sb3_ppo_on_the_same_batch(env):
+    agent = make_agent(env)
+    data = collect(agent)
+    segments = agent.segments
+    stock = PPO(TransformerActorCriticPolicy, env, n_steps=int(data.mask.sum()), batch_size=int(data.mask.sum()),
+                n_epochs=1, learning_rate=1e-3, clip_range_vf=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=1e9,
+                device="cpu", seed=0, policy_kwargs={"model": "tiny", "temperature": 0.7,
+                                                     "optimizer_class": torch.optim.SGD})
+    stock.policy.load_state_dict(agent.policy.state_dict())
+    stock.set_logger(configure(None, []))
+    ids, masks = per_token_observations(segments, env.observation_space["input_ids"].shape[0])
+    valid = data.mask.bool()
+    buffer = stock.rollout_buffer
+    buffer.reset()
+    buffer.n_envs, buffer.buffer_size = 1, len(ids)
+    buffer.reset()
+    for i in range(len(ids)):
+        buffer.add({"input_ids": ids[i:i + 1], "attention_mask": masks[i:i + 1]}, np.array([[0]]), np.zeros(1),
+                   np.zeros(1, dtype=bool), torch.zeros(1), torch.zeros(1))
+    buffer.actions[:, 0, 0] = data.tokens[valid].numpy()
+    buffer.values[:, 0] = data.values[valid].numpy()
+    buffer.log_probs[:, 0] = data.logprobs[valid].numpy()
+    buffer.advantages[:, 0] = data.advantages[valid].numpy()
+    buffer.returns[:, 0] = data.returns[valid].numpy()
+    before = {name: p.detach().clone() for name, p in agent.policy.named_parameters()}
+    stock.train()
+    agent._update(data, list(range(len(segments))), 0.2, 0.2)
+    stock_params = dict(stock.policy.named_parameters())
+    worst = max((p.detach() - stock_params[name].detach()).abs().max().item() for name, p in agent.policy.named_parameters())
+    moved = max((p.detach() - before[name]).abs().max().item() for name, p in agent.policy.named_parameters())
+    assert moved > 1e-5 and worst < 1e-4 * max(moved, 1.0)
+    assert agent.logger is not None
