@@ -59,6 +59,7 @@ class LMPPO(PPO):
         super()._setup_model()
         self.rollout_buffer = None  # replaced by segments: nothing is stored per padded observation
         self.segments: list = []
+        self.allowed: torch.Tensor | None = None
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "segments"]
@@ -70,13 +71,17 @@ class LMPPO(PPO):
         self.policy.set_training_mode(False)
         collector = SegmentCollector(env.num_envs)
         obs = self._last_obs
+        allowed = self._allowed_tokens(env)
         for row in range(env.num_envs):
             collector.begin(row, _context(obs, row))
         started, steps = time.perf_counter(), 0
         callback.on_rollout_start()
         while steps < n_rollout_steps:
             with torch.no_grad():
-                actions, values, log_probs = self.policy(_tensors(obs, self.device))
+                logits, values = self.policy._read(_tensors(obs, self.device))
+                distribution = torch.distributions.Categorical(logits=_masked(logits, allowed))
+                actions = distribution.sample()
+                log_probs = distribution.log_prob(actions)
             actions = actions.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(actions)
             self.num_timesteps += env.num_envs
@@ -91,6 +96,7 @@ class LMPPO(PPO):
             collector.close(row, float(last_values[row]))
         self._last_obs = obs
         self.segments = collector.finished
+        self.allowed = allowed
         self.rollout_seconds = time.perf_counter() - started
         callback.update_locals(locals())
         callback.on_rollout_end()
@@ -108,6 +114,28 @@ class LMPPO(PPO):
                 collector.close(row, next_value, terminated=not truncated, ended=True,
                                 reward_components=info.get("reward_components"))
                 collector.begin(row, _context(new_obs, row))
+
+    def _allowed_tokens(self, env) -> torch.Tensor | None:
+        """The env's allowed-token mask (V,) when it restricts the actions, else None."""
+        if not env.has_attr("action_masks"):
+            return None
+        masks = np.stack(env.env_method("action_masks"))
+        if masks.all():
+            return None
+        if not (masks == masks[0]).all():
+            raise ValueError("LMPPO supports one allowed-token set shared by all env rows")
+        return torch.as_tensor(masks[0], device=self.device)
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False, action_masks=None):
+        """Like SB3's ``predict``; ``action_masks`` (like MaskablePPO's) restricts the tokens."""
+        if action_masks is None:
+            return super().predict(observation, state, episode_start, deterministic)
+        self.policy.set_training_mode(False)
+        with torch.no_grad():
+            logits, _ = self.policy._read(_tensors(observation, self.device))
+            logits = _masked(logits, torch.as_tensor(np.asarray(action_masks), device=self.device).bool())
+            actions = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
+        return actions.cpu().numpy(), state
 
     def _terminal_value(self, terminal_obs) -> float:
         with torch.no_grad():
@@ -180,7 +208,7 @@ class LMPPO(PPO):
         columns = sub.positions()
         logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
         values = values.gather(1, columns)
-        distribution = torch.distributions.Categorical(logits=logits)
+        distribution = torch.distributions.Categorical(logits=_masked(logits, self.allowed))
         log_prob, entropy, valid = distribution.log_prob(sub.tokens), distribution.entropy(), sub.mask.bool()
         advantages = trim(data.advantages)
         if self.normalize_advantage and valid.sum() > 1:
@@ -228,6 +256,11 @@ class LMPPO(PPO):
         if self.kl_target is not None:
             error = float(np.clip(kl.mean().item() / self.kl_target - 1, -0.2, 0.2))
             self.kl_coef *= 1 + error * tokens / self.kl_horizon
+
+
+def _masked(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Logits with disallowed tokens at -inf (probability 0)."""
+    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
 
 def _context(obs, row: int) -> list[int]:

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.utils import get_action_masks
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
 
-from agents import LMPPO, TransformerActorCriticPolicy
+from agents import LMPPO, MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
 from agents.advantages import gae, kl_shaped_rewards, masked_whiten
 from agents.segments import Segment, SegmentBatch
 from lm_gym.sb3 import SB3VecEnv
@@ -152,3 +154,42 @@ def test_update_equals_stock_sb3_ppo_on_the_same_batch(env):
     moved = max((p.detach() - before[name]).abs().max().item() for name, p in agent.policy.named_parameters())
     assert moved > 1e-5 and worst < 1e-4 * max(moved, 1.0)
     assert agent.logger is not None
+
+
+ALLOWED = [10, 11, 12, 13]
+
+
+def fraction_of_target(prompts, responses, response_ids=None, **context):
+    return [sum(token == ALLOWED[0] for token in ids) / len(ids) for ids in response_ids]
+
+
+def masked_env(tiny):
+    model, tokenizer = tiny
+    return SB3VecEnv(8, model=model, tokenizer=tokenizer, max_new_tokens=4, max_prompt_tokens=64,
+                     allowed_token_ids=ALLOWED, reward=fraction_of_target)
+
+
+def mean_episode_reward(agent, env, episodes=64):
+    obs, rewards = env.reset(), []
+    while len(rewards) < episodes:
+        actions, _ = agent.predict(obs, action_masks=get_action_masks(env))
+        obs, reward, dones, _ = env.step(actions)
+        rewards += reward[dones].tolist()
+    return float(np.mean(rewards))
+
+
+@pytest.mark.parametrize("algorithm", ["LMPPO", "MaskablePPO"])
+def test_agents_learn_to_prefer_a_token(tiny, algorithm):
+    torch.manual_seed(0)
+    env = masked_env(tiny)
+    settings = dict(n_steps=16, batch_size=128, n_epochs=4, learning_rate=3e-3, device="cpu", seed=0,
+                    policy_kwargs={"model": "tiny"})
+    if algorithm == "LMPPO":
+        agent = LMPPO(env=env, **settings)  # the plain policy: LMPPO applies the env's allowed tokens itself
+    else:
+        agent = MaskablePPO(MaskableTransformerActorCriticPolicy, env, gamma=1.0, **settings)
+    chance = mean_episode_reward(agent, masked_env(tiny))
+    agent.learn(8 * 16 * 15)
+    trained = mean_episode_reward(agent, masked_env(tiny))
+    assert chance < 0.4  # a quarter of the tokens by chance
+    assert trained > 0.7 and trained > chance + 0.3
