@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import torch
@@ -16,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lm-gym`` console script."""
     parser = argparse.ArgumentParser(prog="lm-gym", description="Reinforcement learning on language models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+    _add_generate(commands)
+    _add_eval(commands)
     rollout = commands.add_parser("rollout", help="play a few episodes of LanguageModelEnv-v0 and print them")
     rollout.add_argument("--model", default="default", help="'default', 'tiny', a directory or a hub id")
     rollout.add_argument("--episodes", type=int, default=3)
@@ -27,12 +32,101 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --policy reference")
     rollout.add_argument("--seed", type=int, default=0)
     rollout.add_argument("--device", default=None, help="e.g. 'cpu' or 'cuda'; default CUDA when available")
+    rollout.set_defaults(handler=run_rollout)
     args = parser.parse_args(argv)
     try:
-        return run_rollout(args)
-    except (lm_gym.ModelNotFoundError, ValueError) as err:
+        return args.handler(args)
+    except (lm_gym.ModelNotFoundError, ValueError, FileNotFoundError) as err:
         print(f"lm-gym: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _add_train(commands) -> None:
+    from agents.train import TrainConfig
+
+    train = commands.add_parser("train", help="train LMPPO on the default env (the main job)")
+    train.add_argument("--config", help="a TOML file of settings (flags override it)")
+    train.add_argument("--run-dir", help="where to write the run (default runs/<date-time>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    for field in dataclasses.fields(TrainConfig):
+        kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
+        train.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
+                           help=f"default {field.default!r}")
+    train.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``lm-gym train``: build the config from file and flags, then train into the run directory."""
+    from agents.train import TrainConfig, timed_run
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = TrainConfig.from_toml(run_dir / "config.toml", **overrides)
+    else:
+        run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        base = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+        config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    timed_run(config, run_dir, resume=bool(args.resume))
+    return 0
+
+
+def _add_generate(commands) -> None:
+    generate = commands.add_parser("generate", help="sample a response from a model")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default="default", help="a run's model/ directory, 'default', 'tiny', ...")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.7)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(handler=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Sample one response with the model's own next-token distribution."""
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be > 0")
+    env = lm_gym.LanguageModelEnv(model=args.model, max_new_tokens=args.max_new_tokens, reward=_no_reward,
+                                  truncate_prompt="left")
+    generator = torch.Generator(device=env.core.device).manual_seed(args.seed)
+    env.reset(seed=args.seed, options={"prompt": args.prompt})
+    done = False
+    while not done:
+        probs = torch.softmax(env.next_token_logprobs() / args.temperature, dim=-1)
+        _, _, terminated, truncated, info = env.step(int(torch.multinomial(probs, 1, generator=generator)))
+        done = terminated or truncated
+    print(info["response_text"].strip())
+    return 0
+
+
+def _no_reward(prompts, responses, **context):
+    return [0.0] * len(responses)
+
+
+def _add_eval(commands) -> None:
+    evaluate = commands.add_parser("eval", help="mean reward, components, KL and length on held-out prompts")
+    evaluate.add_argument("--model", required=True, help="the model to evaluate (e.g. a run's model/ directory)")
+    evaluate.add_argument("--reference", default="default", help="the reference model for the KL")
+    evaluate.add_argument("--eval-prompts", type=int, default=16)
+    evaluate.add_argument("--alpha", type=float, default=0.5)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model as a policy on the held-out default prompts, against a reference model."""
+    from agents.ppo import LMPPO
+    from agents.train import TrainConfig, evaluate, make_env, split_prompts
+
+    config = TrainConfig(model=args.reference, alpha=args.alpha, eval_prompts=args.eval_prompts, seed=args.seed)
+    _, prompts = split_prompts(config)
+    env = make_env(config, prompts, len(prompts), args.reference, None)
+    agent = LMPPO(env=env, n_steps=config.max_new_tokens, policy_kwargs={"model": args.model}, seed=args.seed)
+    record = evaluate(agent, env, prompts, args.seed)
+    parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())
+    print(f"reward {record['reward']:.3f} ({parts}); KL {record['kl']:.3f}; length {record['length']:.0f} chars")
+    return 0
 
 
 def run_rollout(args: argparse.Namespace) -> int:

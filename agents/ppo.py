@@ -14,6 +14,7 @@ Same API as SB3's ``PPO`` (``learn``, ``save``, ``load``, ``predict``), same cli
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -49,11 +50,13 @@ class LMPPO(PPO):
         self.kl_coef, self.kl_target, self.kl_horizon = kl_coef, kl_target, kl_horizon
         self.normalize_reward, self.reward_clip = normalize_reward, reward_clip
         self.reward_stats = RunningMeanStd()
-        super().__init__(
-            policy, env, learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
-            gamma=gamma, gae_lambda=gae_lambda, clip_range=clip_range, clip_range_vf=clip_range_vf,
-            ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm, **kwargs,
-        )
+        with warnings.catch_warnings():  # SB3 checks batch_size against n_steps * n_envs; ours counts tokens
+            warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
+            super().__init__(
+                policy, env, learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+                gamma=gamma, gae_lambda=gae_lambda, clip_range=clip_range, clip_range_vf=clip_range_vf,
+                ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm, **kwargs,
+            )
 
     def _setup_model(self) -> None:
         super()._setup_model()

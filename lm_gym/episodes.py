@@ -77,6 +77,8 @@ class EpisodeBatch:
             output_hidden_states=self.keep_hidden, **{self._cache_keyword: prefill_cache},
         )
         row_index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        if len(row_index) == self.num_rows:
+            self.cache.clear()  # a full reset starts from the same layout whatever came before
         self.cache.place(row_index, prefill_cache, mask)
         self.next_logprobs[row_index] = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         if self.keep_hidden:

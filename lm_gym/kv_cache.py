@@ -100,6 +100,12 @@ class EpisodeCache(Cache):
         if self.length + new_tokens > self.capacity:
             raise RuntimeError(f"KV cache full: {self.live_span()} live slots + {new_tokens} > {self.capacity}")
 
+    def clear(self) -> None:
+        """Forget every row (the buffers stay allocated): the next placement starts at slot 0."""
+        for layer in self.layers:
+            layer.length = 0
+        self.slot_mask.zero_()
+
     def place(self, rows: torch.Tensor, prefill: Cache, mask: torch.Tensor) -> None:
         """Write a prefilled cache (one row per entry of ``rows``, width P) into the last P slots of ``rows``.
 

@@ -1,0 +1,263 @@
+"""``lm-gym train``: LMPPO on a LanguageModelEnv, with a run directory a person can read.
+
+The run directory holds ``config.toml``, TensorBoard logs (``tb/``), ``metrics.csv``, ``curves.png``,
+``samples.md`` (held-out responses before and after), the SB3 checkpoint (``checkpoint.zip`` and
+``state.json``) and the exported HF model (``model/``). Training goes in iterations (one rollout and its
+PPO epochs); each iteration reseeds from (seed, iteration) and starts fresh episodes, so an interrupted
+run (Ctrl-C saves the state at the start of the interrupted iteration) resumes to the same final weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agents.export import export_pretrained
+from agents.ppo import LMPPO
+from lm_gym.data import default_prompts, load_prompts
+from lm_gym.sb3 import SB3VecEnv
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (every field is a ``lm-gym train`` flag and a ``config.toml`` key)."""
+
+    model: str = "default"
+    prompts: str | None = None
+    alpha: float = 0.5
+    max_new_tokens: int = 24
+    max_prompt_tokens: int = 96
+    num_envs: int = 16
+    iterations: int = 12
+    learning_rate: float = 2e-5
+    n_epochs: int = 2
+    batch_size: int = 128
+    kl_coef: float = 0.05
+    temperature: float = 1.0
+    lora_rank: int = 0
+    eval_prompts: int = 16
+    seed: int = 0
+    device: str | None = None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Read a TOML file of fields; ``overrides`` (not None) take precedence."""
+        import tomllib
+
+        data = tomllib.loads(Path(path).read_text())
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def to_toml(self) -> str:
+        """The config as TOML (fields that are None are left out)."""
+        lines = []
+        for key, value in dataclasses.asdict(self).items():
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def split_prompts(config: TrainConfig) -> tuple[list, list]:
+    """(training prompts, held-out prompts): the last ``eval_prompts`` of the list are held out."""
+    prompts = default_prompts() if config.prompts is None else load_prompts(config.prompts).prompts
+    if prompts is None or len(prompts) <= config.eval_prompts:
+        raise ValueError(f"need more than eval_prompts={config.eval_prompts} prompts in a list or file")
+    return prompts[: -config.eval_prompts], prompts[-config.eval_prompts :]
+
+
+def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer) -> SB3VecEnv:
+    """The training or evaluation env: default blended reward with the configured alpha."""
+    from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward
+
+    reward = BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=config.alpha)
+    return SB3VecEnv(
+        num_envs, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward,
+        max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
+        truncate_prompt="left", device=config.device,
+    )
+
+
+def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
+    """LMPPO with the run's settings; the policy starts from the same model as the env (the reference)."""
+    lora = {"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "target_modules": "all-linear"} if config.lora_rank else None
+    return LMPPO(
+        env=env, n_steps=config.max_new_tokens, batch_size=config.batch_size, n_epochs=config.n_epochs,
+        learning_rate=config.learning_rate, kl_coef=config.kl_coef, seed=config.seed,
+        device=config.device or "auto",
+        policy_kwargs={"model": config.model, "temperature": config.temperature, "lora": lora, "device": config.device},
+    )
+
+
+@torch.no_grad()
+def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
+    """One sampled episode per held-out prompt: mean reward and components, KL to the reference, length."""
+    agent.policy.set_training_mode(False)
+    torch.manual_seed(seed)
+    env.seed(seed)
+    env.set_options([{"prompt": prompt} for prompt in prompts])
+    obs = env.reset()
+    done = np.zeros(env.num_envs, dtype=bool)
+    rewards, kl, infos = np.zeros(env.num_envs), np.zeros(env.num_envs), [None] * env.num_envs
+    while not done.all():
+        logits, _ = agent.policy._read({k: torch.as_tensor(v, device=agent.device) for k, v in obs.items()})
+        distribution = torch.distributions.Categorical(logits=logits)
+        actions = distribution.sample()
+        logprobs = distribution.log_prob(actions).cpu().numpy()
+        obs, step_rewards, dones, step_infos = env.step(actions.cpu().numpy())
+        for row in np.flatnonzero(~done):
+            kl[row] += logprobs[row] - step_infos[row]["ref_logprob"]
+            if dones[row]:
+                rewards[row], infos[row], done[row] = step_rewards[row], step_infos[row], True
+    names = infos[0]["reward_components"]
+    return {
+        "reward": float(rewards.mean()),
+        "components": {name: float(np.mean([info["reward_components"][name] for info in infos])) for name in names},
+        "kl": float(kl.mean()),
+        "length": float(np.mean([len(info["response_text"]) for info in infos])),
+        "samples": [(info["prompt_text"], info["response_text"]) for info in infos],
+    }
+
+
+def run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Train (or resume) into ``run_dir``; return the before/after evaluation."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config.to_toml())
+    train_prompts, eval_prompts = split_prompts(config)
+    env = make_env(config, train_prompts, config.num_envs, config.model, None)
+    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.venv.core.batch.model, env.venv.core.tokenizer)
+    if resume:
+        if not (run_dir / "checkpoint.zip").is_file():
+            raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")
+        agent = LMPPO.load(run_dir / "checkpoint", env=env, device=config.device or "auto")
+        state = json.loads((run_dir / "state.json").read_text())
+    else:
+        agent = make_agent(config, env)
+        state = {"iteration": 0, "before": evaluate(agent, eval_env, eval_prompts, config.seed)}
+    agent.set_logger(_logger(run_dir))
+    progress = tqdm(range(state["iteration"], config.iterations), initial=state["iteration"], total=config.iterations,
+                    desc="lm-gym train", disable=None)
+    for iteration in progress:
+        snapshot = _snapshot(agent)
+        try:
+            _train_iteration(agent, env, config, iteration)
+        except KeyboardInterrupt:
+            _restore(agent, snapshot)
+            _save_state(run_dir, agent, {**state, "iteration": iteration})
+            print(f"\ninterrupted: state saved at iteration {iteration}; resume with lm-gym train --resume {run_dir}",
+                  file=sys.stderr)
+            raise
+        _append_metrics(run_dir, iteration, agent)
+        values = agent.logger.name_to_value
+        progress.set_postfix(reward=f"{values.get('rollout/reward_mean', float('nan')):.3f}",
+                             kl=f"{values.get('rollout/kl_per_segment', float('nan')):.3f}")
+        agent.logger.dump(step=agent.num_timesteps)
+    state = {**state, "iteration": config.iterations, "after": evaluate(agent, eval_env, eval_prompts, config.seed)}
+    _save_state(run_dir, agent, state)
+    export_pretrained(agent, run_dir / "model")
+    write_report(run_dir, state)
+    return state
+
+
+def _train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int) -> None:
+    """One rollout + PPO epochs, reseeded from (seed, iteration) with fresh episodes."""
+    torch.manual_seed(config.seed * 100_003 + iteration)
+    env.seed(config.seed * 100_003 + iteration * env.num_envs)
+    agent._last_obs = env.reset()
+    agent.learn(total_timesteps=config.max_new_tokens * env.num_envs, reset_num_timesteps=False,
+                tb_log_name="lmppo")
+
+
+def _snapshot(agent: LMPPO) -> dict:
+    return {"policy": copy.deepcopy(agent.policy.state_dict()),
+            "optimizer": copy.deepcopy(agent.policy.optimizer.state_dict()),
+            "num_timesteps": agent.num_timesteps, "reward_stats": copy.deepcopy(agent.reward_stats),
+            "kl_coef": agent.kl_coef}
+
+
+def _restore(agent: LMPPO, snapshot: dict) -> None:
+    agent.policy.load_state_dict(snapshot["policy"])
+    agent.policy.optimizer.load_state_dict(snapshot["optimizer"])
+    agent.num_timesteps, agent.reward_stats, agent.kl_coef = (
+        snapshot["num_timesteps"], snapshot["reward_stats"], snapshot["kl_coef"])
+
+
+def _save_state(run_dir: Path, agent: LMPPO, state: dict) -> None:
+    agent.save(run_dir / "checkpoint")
+    (run_dir / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def _logger(run_dir: Path):
+    from stable_baselines3.common.logger import configure
+
+    return configure(str(run_dir / "tb"), ["tensorboard"])
+
+
+METRICS = ["rollout/reward_mean", "rollout/kl_per_segment", "rollout/response_length", "rollout/eos_rate",
+           "train/approx_kl", "train/clip_fraction", "train/value_loss", "train/explained_variance",
+           "time/rollout_tokens_per_s", "time/train_tokens_per_s"]
+
+
+def _append_metrics(run_dir: Path, iteration: int, agent: LMPPO) -> None:
+    path = run_dir / "metrics.csv"
+    new = not path.exists() or iteration == 0
+    with open(path, "w" if new else "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(["iteration", "timesteps", *METRICS])
+        values = agent.logger.name_to_value
+        writer.writerow([iteration, agent.num_timesteps, *(values.get(key, "") for key in METRICS)])
+
+
+def write_report(run_dir: Path, state: dict) -> None:
+    """``curves.png`` from metrics.csv and ``samples.md`` with before/after held-out responses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(run_dir / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [int(r["timesteps"]) for r in rows]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for axis, (key, title) in zip(axes, [("rollout/reward_mean", "reward"), ("rollout/kl_per_segment", "KL to reference"),
+                                         ("rollout/response_length", "response length (tokens)")]):
+        axis.plot(steps, [float(r[key]) if r[key] else float("nan") for r in rows], marker="o")
+        axis.set_title(title)
+        axis.set_xlabel("env steps (tokens)")
+    figure.tight_layout()
+    figure.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(figure)
+    lines = ["# Held-out samples", ""]
+    for label in ("before", "after"):
+        record = state[label]
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in record["components"].items())
+        lines += [f"## {label} training", "", f"mean reward {record['reward']:.3f} ({parts}); KL {record['kl']:.3f}; "
+                  f"length {record['length']:.1f} characters", ""]
+        lines += [f"- **{prompt}**\n  {response.strip()}" for prompt, response in record["samples"]] + [""]
+    (run_dir / "samples.md").write_text("\n".join(lines))
+
+
+def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+    """:func:`run`, printing the before/after summary and the wall time."""
+    started = time.perf_counter()
+    state = run(config, run_dir, resume)
+    for label in ("before", "after"):
+        record = state[label]
+        parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())
+        print(f"{label}: reward {record['reward']:.3f} ({parts}), KL {record['kl']:.3f}, "
+              f"length {record['length']:.0f} chars")
+    print(f"run directory: {run_dir} ({time.perf_counter() - started:.0f} s)")
+    return state

@@ -1,0 +1,66 @@
+"""``lm-gym train`` on the tiny model: the run directory, exact resume after Ctrl-C, export, generate, eval."""
+
+import csv
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lm_gym
+from agents import train as training
+from agents.cli import main
+from agents.train import TrainConfig, run
+
+TINY = dict(model="tiny", iterations=3, num_envs=4, max_new_tokens=5, eval_prompts=4, learning_rate=1e-3,
+            batch_size=32)
+
+
+def final_weights(run_dir):
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_run_directory_holds_every_artefact(tmp_path):
+    state = run(TrainConfig(**TINY), tmp_path)
+    for name in ("config.toml", "metrics.csv", "curves.png", "samples.md", "checkpoint.zip", "state.json"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tb").rglob("events.out.tfevents*"))
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and all(row["rollout/kl_per_segment"] for row in rows)
+    samples = (tmp_path / "samples.md").read_text()
+    assert "## before training" in samples and "## after training" in samples
+    assert {"feedback", "fluency"} == set(state["after"]["components"])
+    exported = lm_gym.LanguageModelEnv(model=str(tmp_path / "model"), max_new_tokens=2, reward=lambda p, r, **c: [0.0])
+    exported.reset(seed=0)
+    assert TrainConfig.from_toml(tmp_path / "config.toml") == TrainConfig(**TINY)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    run(TrainConfig(**TINY), tmp_path / "straight")
+    original = training._train_iteration
+
+    def interrupt_at_second(agent, env, config, iteration):
+        if iteration == 1:
+            original(agent, env, config, iteration)  # partly trained, then Ctrl-C: this iteration must be redone
+            raise KeyboardInterrupt
+        original(agent, env, config, iteration)
+
+    monkeypatch.setattr(training, "_train_iteration", interrupt_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(TrainConfig(**TINY), tmp_path / "interrupted")
+    monkeypatch.setattr(training, "_train_iteration", original)
+    run(TrainConfig(**TINY), tmp_path / "interrupted", resume=True)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_cli_train_generate_and_eval(tmp_path, capsys):
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
+    assert main(["train", "--run-dir", str(tmp_path), *flags]) == 0
+    assert "after: reward" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "model"), "--max-new-tokens", "4", "Say hi."]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "model"), "--reference", "tiny", "--eval-prompts", "3"]) == 0
+    assert "KL" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
