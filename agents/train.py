@@ -22,6 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 from agents.export import export_pretrained
 from agents.ppo import LMPPO
 from lm_gym.data import default_prompts, load_prompts
@@ -52,8 +57,6 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
         """Read a TOML file of fields; ``overrides`` (not None) take precedence."""
-        import tomllib
-
         data = tomllib.loads(Path(path).read_text())
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
