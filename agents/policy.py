@@ -70,6 +70,15 @@ class TransformerPolicyMixin:
     :param device: device of the LM; default CUDA when available.
     """
 
+    def __init__(
+        self, observation_space, action_space, lr_schedule, *, model="default", tokenizer=None,
+        value_head: str = "shared", value_model=None, lora=None, temperature: float = 1.0,
+        learning_rates: dict | None = None, device=None, **kwargs,
+    ):
+        self._setup_transformer(model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device)
+        kwargs["ortho_init"] = False
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # then SB3 calls _build
+
     def _setup_transformer(self, model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device):
         if value_head not in ("shared", "separate"):
             raise ValueError(f"value_head={value_head!r}; expected 'shared' or 'separate'")
@@ -168,15 +177,6 @@ class TransformerPolicyMixin:
 class TransformerActorCriticPolicy(TransformerPolicyMixin, ActorCriticPolicy):
     """SB3 ``ActorCriticPolicy`` whose network is a causal LM (for ``PPO``, ``A2C``)."""
 
-    def __init__(
-        self, observation_space, action_space, lr_schedule, *, model="default", tokenizer=None,
-        value_head: str = "shared", value_model=None, lora=None, temperature: float = 1.0,
-        learning_rates: dict | None = None, device=None, **kwargs,
-    ):
-        self._setup_transformer(model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device)
-        kwargs["ortho_init"] = False
-        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
-
     def forward(self, obs, deterministic: bool = False):
         """Sample (or take the most likely) token: (actions, values, log π(actions))."""
         logits, values = self._read(obs)
@@ -197,15 +197,6 @@ class TransformerActorCriticPolicy(TransformerPolicyMixin, ActorCriticPolicy):
 
 class MaskableTransformerActorCriticPolicy(TransformerPolicyMixin, MaskableActorCriticPolicy):
     """The Transformer policy for ``sb3_contrib.MaskablePPO``: disallowed tokens get probability 0."""
-
-    def __init__(
-        self, observation_space, action_space, lr_schedule, *, model="default", tokenizer=None,
-        value_head: str = "shared", value_model=None, lora=None, temperature: float = 1.0,
-        learning_rates: dict | None = None, device=None, **kwargs,
-    ):
-        self._setup_transformer(model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device)
-        kwargs["ortho_init"] = False
-        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _masked(self, logits, action_masks):
         distribution = self.action_dist.proba_distribution(action_logits=logits)
