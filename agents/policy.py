@@ -137,8 +137,11 @@ class TransformerPolicyMixin:
     def _tokens(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
         return obs["input_ids"].long(), obs["attention_mask"].long()
 
-    def _read(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(action logits (B, V), values (B, 1)), incrementally in rollouts, fully when training."""
+    def read_latest(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action logits (B, V), values (B, 1)) at the latest position of each observation.
+
+        Without gradients (rollouts) through the incremental KV cache; with gradients, a full forward.
+        """
         ids, mask = self._tokens(obs)
         if torch.is_grad_enabled():
             logits, values = self.read_positions(ids, mask, keep=1)
@@ -157,7 +160,7 @@ class TransformerPolicyMixin:
 
     def predict_values(self, obs) -> torch.Tensor:
         """V(s) for a batch of observations."""
-        return self._read(obs)[1]
+        return self.read_latest(obs)[1]
 
     def set_training_mode(self, mode: bool) -> None:
         """Switch modes; dropout stays off in the LMs, and the rollout cache is dropped (weights change)."""
@@ -179,20 +182,20 @@ class TransformerActorCriticPolicy(TransformerPolicyMixin, ActorCriticPolicy):
 
     def forward(self, obs, deterministic: bool = False):
         """Sample (or take the most likely) token: (actions, values, log π(actions))."""
-        logits, values = self._read(obs)
+        logits, values = self.read_latest(obs)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         actions = distribution.get_actions(deterministic=deterministic)
         return actions, values, distribution.log_prob(actions)
 
     def evaluate_actions(self, obs, actions):
         """(values, log π(actions), entropy) with gradients, for the PPO/A2C losses."""
-        logits, values = self._read(obs)
+        logits, values = self.read_latest(obs)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs) -> CategoricalDistribution:
         """π(·|s) as an SB3 distribution."""
-        return self.action_dist.proba_distribution(action_logits=self._read(obs)[0])
+        return self.action_dist.proba_distribution(action_logits=self.read_latest(obs)[0])
 
 
 class MaskableTransformerActorCriticPolicy(TransformerPolicyMixin, MaskableActorCriticPolicy):
@@ -206,17 +209,17 @@ class MaskableTransformerActorCriticPolicy(TransformerPolicyMixin, MaskableActor
 
     def forward(self, obs, deterministic: bool = False, action_masks=None):
         """Sample an allowed token: (actions, values, log π(actions))."""
-        logits, values = self._read(obs)
+        logits, values = self.read_latest(obs)
         distribution = self._masked(logits, action_masks)
         actions = distribution.get_actions(deterministic=deterministic)
         return actions, values, distribution.log_prob(actions)
 
     def evaluate_actions(self, obs, actions, action_masks=None):
         """(values, log π(actions), entropy) under the mask, with gradients."""
-        logits, values = self._read(obs)
+        logits, values = self.read_latest(obs)
         distribution = self._masked(logits, action_masks)
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs, action_masks=None):
         """π(·|s) under the mask."""
-        return self._masked(self._read(obs)[0], action_masks)
+        return self._masked(self.read_latest(obs)[0], action_masks)

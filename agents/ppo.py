@@ -81,7 +81,7 @@ class LMPPO(PPO):
         callback.on_rollout_start()
         while steps < n_rollout_steps:
             with torch.no_grad():
-                logits, values = self.policy._read(_tensors(obs, self.device))
+                logits, values = self.policy.read_latest(_tensors(obs, self.device))
                 distribution = torch.distributions.Categorical(logits=_masked(logits, allowed))
                 actions = distribution.sample()
                 log_probs = distribution.log_prob(actions)
@@ -135,7 +135,7 @@ class LMPPO(PPO):
             return super().predict(observation, state, episode_start, deterministic)
         self.policy.set_training_mode(False)
         with torch.no_grad():
-            logits, _ = self.policy._read(_tensors(observation, self.device))
+            logits, _ = self.policy.read_latest(_tensors(observation, self.device))
             logits = _masked(logits, torch.as_tensor(np.asarray(action_masks), device=self.device).bool())
             actions = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
         return actions.cpu().numpy(), state

@@ -42,10 +42,10 @@ def test_incremental_rollout_equals_full_forward_across_resets(vec_env, value_he
     worst, resets, incremental_steps = 0.0, 0, 0
     for step in range(14):
         with torch.no_grad():
-            logits, values = policy._read(as_tensors(obs))
+            logits, values = policy.read_latest(as_tensors(obs))
             extended = policy.policy_lm._batch.lengths.clone()
         with torch.enable_grad():
-            full_logits, full_values = policy._read(as_tensors(obs))
+            full_logits, full_values = policy.read_latest(as_tensors(obs))
         log_probs = torch.log_softmax(logits, -1)
         worst = max(worst, (log_probs - torch.log_softmax(full_logits, -1)).abs().max().item(),
                     (values - full_values).abs().max().item())
