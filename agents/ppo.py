@@ -13,6 +13,7 @@ Same API as SB3's ``PPO`` (``learn``, ``save``, ``load``, ``predict``), same cli
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 
@@ -25,6 +26,7 @@ from agents.advantages import gae, kl_shaped_rewards, masked_whiten
 from agents.policy import TransformerActorCriticPolicy
 from agents.segments import SegmentBatch, SegmentCollector
 from lm_gym.rewards.combine import RunningMeanStd
+from lm_gym.rewards.lm_scoring import continuation_logprobs
 
 
 class LMPPO(PPO):
@@ -32,7 +34,8 @@ class LMPPO(PPO):
 
     Takes SB3 ``PPO``'s keywords, with LM defaults, plus:
 
-    :param kl_coef: β of the per-token KL penalty to the reference model (the env's ``ref_logprob``).
+    :param kl_coef: β of the per-token KL penalty to the reference model: the env's ``ref_logprob`` when it
+        gives one, else the policy's LM with LoRA adapters disabled, or a frozen copy of the initial LM.
     :param kl_target: if set, adapt β towards this mean KL per episode (proportional controller).
     :param kl_horizon: horizon (in tokens) of the adaptive controller.
     :param normalize_reward: standardise the env's rewards with running statistics before the KL term.
@@ -63,9 +66,10 @@ class LMPPO(PPO):
         self.rollout_buffer = None  # replaced by segments: nothing is stored per padded observation
         self.segments: list = []
         self.allowed: torch.Tensor | None = None
+        self.reference_lm = None  # made on first need, see _fill_reference_logprobs
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "segments"]
+        return [*super()._excluded_save_params(), "segments", "reference_lm"]
 
     # --- rollouts ------------------------------------------------------------------------------------
 
@@ -100,6 +104,7 @@ class LMPPO(PPO):
         self._last_obs = obs
         self.segments = collector.finished
         self.allowed = allowed
+        self._fill_reference_logprobs()
         self.rollout_seconds = time.perf_counter() - started
         callback.update_locals(locals())
         callback.on_rollout_end()
@@ -107,16 +112,38 @@ class LMPPO(PPO):
 
     def _record(self, collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos) -> None:
         for row, info in enumerate(infos):
-            if "ref_logprob" not in info:
-                raise ValueError("LMPPO needs info['ref_logprob'] from the env (LanguageModelEnv provides it)")
             collector.add(row, int(actions[row]), float(log_probs[row]), float(values[row]),
-                          info["ref_logprob"], float(rewards[row]), "reward_components" in info)
+                          info.get("ref_logprob", float("nan")), float(rewards[row]), "reward_components" in info)
             if dones[row]:
                 truncated = info.get("TimeLimit.truncated", False)
                 next_value = self._terminal_value(info["terminal_observation"]) if truncated else 0.0
                 collector.close(row, next_value, terminated=not truncated, ended=True,
                                 reward_components=info.get("reward_components"))
                 collector.begin(row, _context(new_obs, row))
+
+    def _fill_reference_logprobs(self) -> None:
+        """Where the env gave no ``ref_logprob``, score the segments with the reference: one forward each.
+
+        The reference is the policy's LM with its LoRA adapters disabled, or else a frozen copy of the LM
+        taken when first needed (before any update, that is the initial policy).
+        """
+        missing = [s for s in self.segments if any(np.isnan(s.ref_logprobs))]
+        if not missing:
+            return
+        lm = self.policy.lm
+        if hasattr(lm, "disable_adapter"):
+            with lm.disable_adapter():
+                scores = self._score_reference(lm, missing)
+        else:
+            if self.reference_lm is None:
+                self.reference_lm = copy.deepcopy(lm).requires_grad_(False).eval()
+            scores = self._score_reference(self.reference_lm, missing)
+        for segment, logprobs in zip(missing, scores):
+            segment.ref_logprobs = logprobs.tolist()
+
+    def _score_reference(self, model, segments) -> list[torch.Tensor]:
+        pad = self.policy.tokenizer.pad_token_id
+        return continuation_logprobs(model, [s.context for s in segments], [s.tokens for s in segments], pad)
 
     def _allowed_tokens(self, env) -> torch.Tensor | None:
         """The env's allowed-token mask (V,) when it restricts the actions, else None."""

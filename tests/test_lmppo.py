@@ -1,5 +1,6 @@
 """LMPPO: the advantage maths by hand, the recipe's placements, and equality with stock SB3 PPO's update."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -7,10 +8,12 @@ from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.utils import get_action_masks
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents import LMPPO, MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
 from agents.advantages import gae, kl_shaped_rewards, masked_whiten
 from agents.segments import Segment, SegmentBatch
+from lm_gym import LanguageModelEnv
 from lm_gym.sb3 import SB3VecEnv
 
 
@@ -193,3 +196,29 @@ def test_agents_learn_to_prefer_a_token(tiny, algorithm):
     trained = mean_episode_reward(agent, masked_env(tiny))
     assert chance < 0.4  # a quarter of the tokens by chance
     assert trained > 0.7 and trained > chance + 0.3
+
+
+class WithoutReference(gym.Wrapper):
+    """An env that does not report ``ref_logprob`` (as most envs outside lm-gym)."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info.pop("ref_logprob")
+        return obs, reward, terminated, truncated, info
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}],
+                         ids=["frozen-copy", "lora-adapters-disabled"])
+def test_reference_log_probs_are_computed_when_the_env_gives_none(tiny, lora):
+    model, tokenizer = tiny
+    settings = dict(model=model, tokenizer=tokenizer, max_new_tokens=4, max_prompt_tokens=64,
+                    reward=lambda p, r, **c: [1.0] * len(r))
+    with_reference = DummyVecEnv([lambda: LanguageModelEnv(**settings) for _ in range(2)])
+    without = DummyVecEnv([lambda: WithoutReference(LanguageModelEnv(**settings)) for _ in range(2)])
+    collected = []
+    for env in (with_reference, without):
+        agent = make_agent(env, policy_kwargs={"model": "tiny", "temperature": 0.7, "lora": lora})
+        collect(agent)
+        collected.append([value for s in agent.segments for value in s.ref_logprobs])
+    assert len(collected[0]) == len(collected[1]) == 16
+    assert collected[1] == pytest.approx(collected[0], abs=1e-4)
