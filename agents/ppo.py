@@ -41,6 +41,8 @@ class LMPPO(PPO):
     :param normalize_reward: standardise the env's rewards with running statistics before the KL term.
     :param reward_clip: clip normalised rewards to ±this value.
     :param batch_size: tokens per minibatch (whole segments are kept together).
+    :param watchdog_kl: warn (a sign of collapse) when the mean KL per segment exceeds this many nats, or
+        when the mean response length leaves [0.5x, 2x] of the first rollout's.
     """
 
     def __init__(
@@ -48,9 +50,11 @@ class LMPPO(PPO):
         batch_size: int = 256, n_epochs: int = 4, gamma: float = 1.0, gae_lambda: float = 0.95,
         clip_range: float = 0.2, clip_range_vf: float | None = 0.2, ent_coef: float = 0.0, vf_coef: float = 0.5,
         max_grad_norm: float = 1.0, kl_coef: float = 0.05, kl_target: float | None = None,
-        kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0, **kwargs,
+        kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0,
+        watchdog_kl: float = 10.0, **kwargs,
     ):
         self.kl_coef, self.kl_target, self.kl_horizon = kl_coef, kl_target, kl_horizon
+        self.watchdog_kl, self.initial_length = watchdog_kl, None
         self.normalize_reward, self.reward_clip = normalize_reward, reward_clip
         self.reward_stats = RunningMeanStd()
         with warnings.catch_warnings():  # SB3 checks batch_size against n_steps * n_envs; ours counts tokens
@@ -286,6 +290,17 @@ class LMPPO(PPO):
         if self.kl_target is not None:
             error = float(np.clip(kl.mean().item() / self.kl_target - 1, -0.2, 0.2))
             self.kl_coef *= 1 + error * tokens / self.kl_horizon
+        self._watch(float(kl.mean()), float(data.mask.sum(dim=1).mean()))
+
+    def _watch(self, kl: float, length: float) -> None:
+        """Warn when KL or response length runs away (reward hacking and collapse show there first)."""
+        self.initial_length = self.initial_length or length
+        if kl > self.watchdog_kl:
+            warnings.warn(f"KL to the reference is {kl:.2f} nats per segment (> {self.watchdog_kl}): the policy is "
+                          "drifting; lower the learning rate or raise kl_coef", RuntimeWarning, stacklevel=2)
+        if not 0.5 <= length / self.initial_length <= 2.0:
+            warnings.warn(f"mean response length moved from {self.initial_length:.1f} to {length:.1f} tokens: "
+                          "check the samples for collapse", RuntimeWarning, stacklevel=2)
 
 
 def _masked(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

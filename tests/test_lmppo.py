@@ -222,3 +222,10 @@ def test_reference_log_probs_are_computed_when_the_env_gives_none(tiny, lora):
         collected.append([value for s in agent.segments for value in s.ref_logprobs])
     assert len(collected[0]) == len(collected[1]) == 16
     assert collected[1] == pytest.approx(collected[0], abs=1e-4)
+
+
+def test_watchdog_warns_when_kl_runs_away(env):
+    agent = make_agent(env, watchdog_kl=-1.0, learning_rate=1e-2)  # any KL is "too much"
+    agent.set_logger(configure(None, []))
+    with pytest.warns(RuntimeWarning, match="KL to the reference"):
+        agent.learn(2 * agent.n_steps * agent.n_envs)
