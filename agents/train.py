@@ -30,6 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
 from agents.export import export_pretrained
 from agents.ppo import LMPPO
 from lm_gym.data import default_prompts, load_prompts
+from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward
 from lm_gym.sb3 import SB3VecEnv
 
 
@@ -83,8 +84,6 @@ def split_prompts(config: TrainConfig) -> tuple[list, list]:
 
 def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer) -> SB3VecEnv:
     """The training or evaluation env: default blended reward with the configured alpha."""
-    from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward
-
     reward = BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=config.alpha)
     return SB3VecEnv(
         num_envs, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward,
@@ -95,7 +94,9 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
 
 def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
     """LMPPO with the run's settings; the policy starts from the same model as the env (the reference)."""
-    lora = {"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "target_modules": "all-linear"} if config.lora_rank else None
+    lora = None
+    if config.lora_rank:
+        lora = {"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "target_modules": "all-linear"}
     return LMPPO(
         env=env, n_steps=config.max_new_tokens, batch_size=config.batch_size, n_epochs=config.n_epochs,
         learning_rate=config.learning_rate, kl_coef=config.kl_coef, seed=config.seed,
