@@ -12,7 +12,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents import LMPPO, MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
 from agents.advantages import gae, kl_shaped_rewards, masked_whiten
-from agents.segments import Segment, SegmentBatch
 from lm_gym import LanguageModelEnv
 from lm_gym.sb3 import SB3VecEnv
 

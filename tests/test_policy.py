@@ -43,7 +43,6 @@ def test_incremental_rollout_equals_full_forward_across_resets(vec_env, value_he
     for step in range(14):
         with torch.no_grad():
             logits, values = policy.read_latest(as_tensors(obs))
-            extended = policy.policy_lm._batch.lengths.clone()
         with torch.enable_grad():
             full_logits, full_values = policy.read_latest(as_tensors(obs))
         log_probs = torch.log_softmax(logits, -1)
