@@ -117,7 +117,8 @@ def _add_eval(commands) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a model as a policy on the held-out default prompts, against a reference model."""
     from agents.ppo import LMPPO
-    from agents.train import TrainConfig, evaluate, make_env, split_prompts
+    from agents.evaluation import evaluate
+    from agents.train import TrainConfig, make_env, split_prompts
 
     config = TrainConfig(model=args.reference, alpha=args.alpha, eval_prompts=args.eval_prompts, seed=args.seed)
     _, prompts = split_prompts(config)

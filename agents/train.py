@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,6 +26,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from agents.evaluation import evaluate
 from agents.export import export_pretrained
 from agents.ppo import LMPPO
 from lm_gym.data import default_prompts, load_prompts
@@ -103,36 +103,6 @@ def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
         device=config.device or "auto",
         policy_kwargs={"model": config.model, "temperature": config.temperature, "lora": lora, "device": config.device},
     )
-
-
-@torch.no_grad()
-def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
-    """One sampled episode per held-out prompt: mean reward and components, KL to the reference, length."""
-    agent.policy.set_training_mode(False)
-    torch.manual_seed(seed)
-    env.seed(seed)
-    env.set_options([{"prompt": prompt} for prompt in prompts])
-    obs = env.reset()
-    done = np.zeros(env.num_envs, dtype=bool)
-    rewards, kl, infos = np.zeros(env.num_envs), np.zeros(env.num_envs), [None] * env.num_envs
-    while not done.all():
-        logits, _ = agent.policy.read_latest({k: torch.as_tensor(v, device=agent.device) for k, v in obs.items()})
-        distribution = torch.distributions.Categorical(logits=logits)
-        actions = distribution.sample()
-        logprobs = distribution.log_prob(actions).cpu().numpy()
-        obs, step_rewards, dones, step_infos = env.step(actions.cpu().numpy())
-        for row in np.flatnonzero(~done):
-            kl[row] += logprobs[row] - step_infos[row]["ref_logprob"]
-            if dones[row]:
-                rewards[row], infos[row], done[row] = step_rewards[row], step_infos[row], True
-    names = infos[0]["reward_components"]
-    return {
-        "reward": float(rewards.mean()),
-        "components": {name: float(np.mean([info["reward_components"][name] for info in infos])) for name in names},
-        "kl": float(kl.mean()),
-        "length": float(np.mean([len(info["response_text"]) for info in infos])),
-        "samples": [(info["prompt_text"], info["response_text"]) for info in infos],
-    }
 
 
 def run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:

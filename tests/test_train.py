@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lm_gym
+from agents import SampleResponsesCallback
 from agents import train as training
 from agents.cli import main
 from agents.train import TrainConfig, run
@@ -64,3 +65,18 @@ def test_cli_train_generate_and_eval(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "model"), "--reference", "tiny", "--eval-prompts", "3"]) == 0
     assert "KL" in capsys.readouterr().out
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+
+
+def test_sample_callback_writes_responses_for_fixed_prompts(tmp_path, tiny):
+    model, tokenizer = tiny
+    config = TrainConfig(**TINY)
+    prompts = ["Name a colour.", "Say hello."]
+    env = training.make_env(config, ["Count to three."] * 4, 4, model, tokenizer)
+    sample_env = training.make_env(config, prompts, 2, model, tokenizer)
+    agent = training.make_agent(config, env)
+    callback = SampleResponsesCallback(sample_env, prompts, tmp_path / "samples.md", every=2)
+    agent.learn(4 * config.max_new_tokens * 4, callback=callback)
+    text = (tmp_path / "samples.md").read_text()
+    assert text.count("## after") == 2 and text.count("**Name a colour.**") == 2
+    with pytest.raises(ValueError, match="one per row"):
+        SampleResponsesCallback(sample_env, prompts[:1], tmp_path / "x.md")

@@ -1,0 +1,39 @@
+"""Evaluating a Transformer policy on fixed prompts: reward, its components, KL to the reference, samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from agents.ppo import LMPPO
+from lm_gym.sb3 import SB3VecEnv
+
+
+@torch.no_grad()
+def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
+    """One sampled episode per held-out prompt: mean reward and components, KL to the reference, length."""
+    agent.policy.set_training_mode(False)
+    torch.manual_seed(seed)
+    env.seed(seed)
+    env.set_options([{"prompt": prompt} for prompt in prompts])
+    obs = env.reset()
+    done = np.zeros(env.num_envs, dtype=bool)
+    rewards, kl, infos = np.zeros(env.num_envs), np.zeros(env.num_envs), [None] * env.num_envs
+    while not done.all():
+        logits, _ = agent.policy.read_latest({k: torch.as_tensor(v, device=agent.device) for k, v in obs.items()})
+        distribution = torch.distributions.Categorical(logits=logits)
+        actions = distribution.sample()
+        logprobs = distribution.log_prob(actions).cpu().numpy()
+        obs, step_rewards, dones, step_infos = env.step(actions.cpu().numpy())
+        for row in np.flatnonzero(~done):
+            kl[row] += logprobs[row] - step_infos[row]["ref_logprob"]
+            if dones[row]:
+                rewards[row], infos[row], done[row] = step_rewards[row], step_infos[row], True
+    names = infos[0]["reward_components"]
+    return {
+        "reward": float(rewards.mean()),
+        "components": {name: float(np.mean([info["reward_components"][name] for info in infos])) for name in names},
+        "kl": float(kl.mean()),
+        "length": float(np.mean([len(info["response_text"]) for info in infos])),
+        "samples": [(info["prompt_text"], info["response_text"]) for info in infos],
+    }
