@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lm_gym.episodes import EpisodeBatch
+from lm_gym.episodes import EpisodeBatch, mask_positions
 
 
 class CachedLM:
@@ -31,7 +31,7 @@ class CachedLM:
 
     def full(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, keep, V), hidden (B, keep, H)), float32, at the last ``keep`` positions: one forward."""
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        positions = mask_positions(mask)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep,
             output_hidden_states=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agents.ppo import LMPPO
+from agents.ppo import LMPPO, obs_to_tensors
 from lm_gym.sb3 import SB3VecEnv
 
 
@@ -20,7 +20,7 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
     done = np.zeros(env.num_envs, dtype=bool)
     rewards, kl, infos = np.zeros(env.num_envs), np.zeros(env.num_envs), [None] * env.num_envs
     while not done.all():
-        logits, _ = agent.policy.read_latest({k: torch.as_tensor(v, device=agent.device) for k, v in obs.items()})
+        logits, _ = agent.policy.read_latest(obs_to_tensors(obs, agent.device))
         distribution = torch.distributions.Categorical(logits=logits)
         actions = distribution.sample()
         logprobs = distribution.log_prob(actions).cpu().numpy()

@@ -89,7 +89,7 @@ class LMPPO(PPO):
         callback.on_rollout_start()
         while steps < n_rollout_steps:
             with torch.no_grad():
-                logits, values = self.policy.read_latest(_tensors(obs, self.device))
+                logits, values = self.policy.read_latest(obs_to_tensors(obs, self.device))
                 distribution = torch.distributions.Categorical(logits=_masked(logits, allowed))
                 actions = distribution.sample()
                 log_probs = distribution.log_prob(actions)
@@ -102,7 +102,7 @@ class LMPPO(PPO):
             self._record(collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos)
             obs, steps = new_obs, steps + 1
         with torch.no_grad():
-            last_values = self.policy.predict_values(_tensors(obs, self.device)).flatten().cpu().numpy()
+            last_values = self.policy.predict_values(obs_to_tensors(obs, self.device)).flatten().cpu().numpy()
         for row in range(env.num_envs):
             collector.close(row, float(last_values[row]))
         self._last_obs = obs
@@ -166,7 +166,7 @@ class LMPPO(PPO):
             return super().predict(observation, state, episode_start, deterministic)
         self.policy.set_training_mode(False)
         with torch.no_grad():
-            logits, _ = self.policy.read_latest(_tensors(observation, self.device))
+            logits, _ = self.policy.read_latest(obs_to_tensors(observation, self.device))
             logits = _masked(logits, torch.as_tensor(np.asarray(action_masks), device=self.device).bool())
             actions = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
         return actions.cpu().numpy(), state
@@ -313,7 +313,8 @@ def _context(obs, row: int) -> list[int]:
     return np.asarray(obs["input_ids"][row])[mask].astype(np.int64).tolist()
 
 
-def _tensors(obs, device) -> dict[str, torch.Tensor]:
+def obs_to_tensors(obs, device) -> dict[str, torch.Tensor]:
+    """A dict observation of arrays as tensors on ``device``."""
     return {key: torch.as_tensor(value, device=device) for key, value in obs.items()}
 
 

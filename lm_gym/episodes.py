@@ -26,6 +26,23 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
+def pad_left(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(ids, attention_mask)`` tensors on ``device``."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token (padding gets 0 too)."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def output_vocab_size(model) -> int:
     """Rows of the model's output embedding: the size of the action space."""
     return model.get_output_embeddings().weight.shape[0]
@@ -61,16 +78,11 @@ class EpisodeBatch:
     @torch.no_grad()
     def prefill(self, rows: Sequence[int], contexts: Sequence[Sequence[int]]) -> None:
         """Start ``rows`` afresh from ``contexts`` (token id lists) in one batched forward."""
-        width = max(len(context) for context in contexts)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, context in enumerate(contexts):
+        for context in contexts:
             if not 0 < len(context) <= self.max_tokens:
                 raise ValueError(f"a context must hold 1..{self.max_tokens} tokens, got {len(context)}")
-            ids[j, width - len(context) :] = torch.as_tensor(context, dtype=torch.long)
-            mask[j, width - len(context) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        ids, mask = pad_left(contexts, self.pad_token_id, self.device)
+        positions = mask_positions(mask)
         prefill_cache = DynamicCache()
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,

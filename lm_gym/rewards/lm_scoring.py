@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import torch
 
-
-def pad_left(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into ``(ids, attention_mask)`` tensors on ``device``."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.as_tensor(seq)
-            mask[row, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
+from lm_gym.episodes import mask_positions, pad_left
 
 
 def _forward(model, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    positions = mask_positions(mask)
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
 
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from lm_gym.chat import encode_prompt, format_exchange, has_chat_template
 from lm_gym.models import ensure_pad_token
 from lm_gym.rewards.base import Reward
-from lm_gym.rewards.lm_scoring import continuation_logprobs, next_token_logprobs, pad_left
+from lm_gym.episodes import pad_left
+from lm_gym.rewards.lm_scoring import continuation_logprobs, next_token_logprobs
 
 REWARD_STATS_FILE = "reward_stats.json"
 
