@@ -48,3 +48,13 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     mean = (values * mask).sum() / count
     var = (((values - mean) * mask) ** 2).sum() / (count - 1).clamp(min=1)
     return (values - mean) / (var.sqrt() + eps) * mask
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, kl_target: float, tokens: int, horizon: int) -> float:
+    """The adaptive KL controller (Ziegler et al., 2019): move β towards the one that gives ``kl_target``.
+
+    β ← β · (1 + clip(kl / kl_target - 1, -0.2, 0.2) · tokens / horizon), with ``kl`` the measured mean KL
+    per episode over the ``tokens`` tokens just collected.
+    """
+    error = min(max(kl / kl_target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * tokens / horizon)

@@ -11,7 +11,11 @@ from lm_gym.sb3 import SB3VecEnv
 
 @torch.no_grad()
 def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
-    """One sampled episode per held-out prompt: mean reward and components, KL to the reference, length."""
+    """One sampled episode per env row (row i gets ``prompts[i]``; repeat prompts for several samples each).
+
+    Returns the mean reward with its standard error, the mean of each component, the KL to the reference,
+    the mean response length in characters, and the (prompt, response) samples.
+    """
     agent.policy.set_training_mode(False)
     torch.manual_seed(seed)
     env.seed(seed)
@@ -32,6 +36,7 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
     names = infos[0]["reward_components"]
     return {
         "reward": float(rewards.mean()),
+        "reward_stderr": float(rewards.std(ddof=1) / np.sqrt(len(rewards))) if len(rewards) > 1 else float("nan"),
         "components": {name: float(np.mean([info["reward_components"][name] for info in infos])) for name in names},
         "kl": float(kl.mean()),
         "length": float(np.mean([len(info["response_text"]) for info in infos])),

@@ -108,6 +108,8 @@ class TransformerPolicyMixin:
         self.value_lm = None if self.value_backbone is None else CachedLM(self.value_backbone, self.tokenizer.pad_token_id)
         hidden = (self.value_backbone or self.lm).config.get_text_config().hidden_size
         self.value_net_head = nn.Linear(hidden, 1).to(self.lm.device)
+        nn.init.zeros_(self.value_net_head.weight)  # V = 0 at the start: no random baseline in the first advantages
+        nn.init.zeros_(self.value_net_head.bias)
 
     def _build(self, lr_schedule) -> None:
         """Build the networks, and the optimizer over LM body, LM head and value head with their own rates."""
@@ -151,12 +153,23 @@ class TransformerPolicyMixin:
             hidden = self.value_lm.incremental(ids, mask)[1]
         return logits / self.temperature, self.value_net_head(hidden)
 
-    def read_positions(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(action logits (B, keep, V), values (B, keep)) at the last ``keep`` positions, in one forward."""
-        logits, hidden = self.policy_lm.full(ids, mask, keep)
+    def read_positions(
+        self, ids: torch.Tensor, mask: torch.Tensor, keep: int, actor: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action logits (B, keep, V), values (B, keep)) at the last ``keep`` positions, in one forward.
+
+        With ``actor=False`` the policy LM runs without gradients (only the critic can learn).
+        """
+        with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
+            logits, hidden = self.policy_lm.full(ids, mask, keep)
         if self.value_lm is not None:
             hidden = self.value_lm.full(ids, mask, keep)[1]
         return logits / self.temperature, self.value_net_head(hidden).squeeze(-1)
+
+    def final_values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """V (B,) at the last position of each sequence, in one full forward of the critic's backbone only."""
+        hidden = (self.value_lm or self.policy_lm).full(ids, mask, keep=1)[1]
+        return self.value_net_head(hidden)[:, -1, 0]
 
     def predict_values(self, obs) -> torch.Tensor:
         """V(s) for a batch of observations."""

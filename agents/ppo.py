@@ -22,8 +22,9 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import explained_variance
 
-from agents.advantages import gae, kl_shaped_rewards, masked_whiten
+from agents.advantages import adaptive_kl_coef, gae, kl_shaped_rewards, masked_whiten
 from agents.policy import TransformerActorCriticPolicy
+from agents.ptx import PretrainingBatches
 from agents.segments import SegmentBatch, SegmentCollector
 from lm_gym.rewards.combine import RunningMeanStd
 from lm_gym.rewards.lm_scoring import continuation_logprobs
@@ -41,6 +42,11 @@ class LMPPO(PPO):
     :param normalize_reward: standardise the env's rewards with running statistics before the KL term.
     :param reward_clip: clip normalised rewards to ±this value.
     :param batch_size: tokens per minibatch (whole segments are kept together).
+    :param critic_warmup: rollouts at the start whose updates train only the critic (the actor is frozen),
+        so that the first policy updates see advantages from a fitted value function.
+    :param ptx_coef: weight of the pretraining loss (PPO-ptx) added to every update; needs ``ptx_texts``.
+    :param ptx_texts: text for the pretraining loss, packed into blocks of ``ptx_block_tokens`` tokens.
+    :param ptx_batch_size: blocks per update.
     :param watchdog_kl: warn (a sign of collapse) when the mean KL per segment exceeds this many nats, or
         when the mean response length leaves [0.5x, 2x] of the first rollout's.
     """
@@ -50,13 +56,19 @@ class LMPPO(PPO):
         batch_size: int = 256, n_epochs: int = 4, gamma: float = 1.0, gae_lambda: float = 0.95,
         clip_range: float = 0.2, clip_range_vf: float | None = 0.2, ent_coef: float = 0.0, vf_coef: float = 0.5,
         max_grad_norm: float = 1.0, kl_coef: float = 0.05, kl_target: float | None = None,
-        kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0,
+        kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0, critic_warmup: int = 0,
+        ptx_coef: float = 0.0, ptx_texts=None, ptx_batch_size: int = 4, ptx_block_tokens: int = 256,
         watchdog_kl: float = 10.0, **kwargs,
     ):
+        if ptx_coef and not ptx_texts:
+            raise ValueError(f"ptx_coef={ptx_coef} needs ptx_texts (the text of the pretraining loss)")
         self.kl_coef, self.kl_target, self.kl_horizon = kl_coef, kl_target, kl_horizon
         self.watchdog_kl, self.initial_length = watchdog_kl, None
         self.normalize_reward, self.reward_clip = normalize_reward, reward_clip
         self.reward_stats = RunningMeanStd()
+        self.critic_warmup, self.trained_rollouts = critic_warmup, 0
+        self.ptx_coef, self.ptx_texts = ptx_coef, ptx_texts
+        self.ptx_batch_size, self.ptx_block_tokens = ptx_batch_size, ptx_block_tokens
         with warnings.catch_warnings():  # SB3 checks batch_size against n_steps * n_envs; ours counts tokens
             warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
             super().__init__(
@@ -71,9 +83,25 @@ class LMPPO(PPO):
         self.segments: list = []
         self.allowed: torch.Tensor | None = None
         self.reference_lm = None  # made on first need, see _fill_reference_logprobs
+        self.ptx = None
+        if self.ptx_coef:
+            self.ptx = PretrainingBatches(self.ptx_texts, self.policy.tokenizer, self.ptx_block_tokens, self.ptx_batch_size)
+
+    def save(self, path, exclude=None, include=None) -> None:
+        """SB3's ``save``; models given loaded in ``policy_kwargs`` are stored by name, not pickled.
+
+        ``LMPPO.load`` rebuilds them from their ``name_or_path``; pass ``custom_objects={"policy_kwargs": ...}``
+        to hand it loaded models instead (for example the env's LM, to share it with a LoRA policy again).
+        """
+        kwargs = self.policy_kwargs
+        self.policy_kwargs = portable_policy_kwargs(kwargs)
+        try:
+            super().save(path, exclude, include)
+        finally:
+            self.policy_kwargs = kwargs
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "segments", "reference_lm"]
+        return [*super()._excluded_save_params(), "segments", "reference_lm", "ptx"]
 
     # --- rollouts ------------------------------------------------------------------------------------
 
@@ -101,10 +129,10 @@ class LMPPO(PPO):
                 return False
             self._record(collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos)
             obs, steps = new_obs, steps + 1
-        with torch.no_grad():
-            last_values = self.policy.predict_values(obs_to_tensors(obs, self.device)).flatten().cpu().numpy()
-        for row in range(env.num_envs):
-            collector.close(row, float(last_values[row]))
+        open_rows = collector.open_rows()
+        last_values = self._values_of([{key: value[row] for key, value in obs.items()} for row in open_rows])
+        for row, value in zip(open_rows, last_values):
+            collector.close(row, value)
         self._last_obs = obs
         self.segments = collector.finished
         self.allowed = allowed
@@ -118,31 +146,29 @@ class LMPPO(PPO):
         for row, info in enumerate(infos):
             collector.add(row, int(actions[row]), float(log_probs[row]), float(values[row]),
                           info.get("ref_logprob", float("nan")), float(rewards[row]), "reward_components" in info)
-            if dones[row]:
-                truncated = info.get("TimeLimit.truncated", False)
-                next_value = self._terminal_value(info["terminal_observation"]) if truncated else 0.0
-                collector.close(row, next_value, terminated=not truncated, ended=True,
-                                reward_components=info.get("reward_components"))
-                collector.begin(row, _context(new_obs, row))
+        ended = np.flatnonzero(dones).tolist()
+        truncated = [row for row in ended if infos[row].get("TimeLimit.truncated", False)]
+        bootstrap = dict(zip(truncated, self._values_of([infos[row]["terminal_observation"] for row in truncated])))
+        for row in ended:
+            collector.close(row, bootstrap.get(row, 0.0), terminated=row not in bootstrap, ended=True,
+                            reward_components=infos[row].get("reward_components"))
+            collector.begin(row, _context(new_obs, row))
 
     def _fill_reference_logprobs(self) -> None:
         """Where the env gave no ``ref_logprob``, score the segments with the reference: one forward each.
 
-        The reference is the policy's LM with its LoRA adapters disabled, or else a frozen copy of the LM
-        taken when first needed (before any update, that is the initial policy).
+        The reference is the policy's LM with its LoRA adapters off (the scorer switches them off), or else
+        a frozen copy of the LM taken when first needed (before any update, that is the initial policy).
         """
         missing = [s for s in self.segments if any(np.isnan(s.ref_logprobs))]
         if not missing:
             return
-        lm = self.policy.lm
-        if hasattr(lm, "disable_adapter"):
-            with lm.disable_adapter():
-                scores = self._score_reference(lm, missing)
-        else:
+        reference = self.policy.lm
+        if not hasattr(reference, "peft_config"):
             if self.reference_lm is None:
-                self.reference_lm = copy.deepcopy(lm).requires_grad_(False).eval()
-            scores = self._score_reference(self.reference_lm, missing)
-        for segment, logprobs in zip(missing, scores):
+                self.reference_lm = copy.deepcopy(reference).requires_grad_(False).eval()
+            reference = self.reference_lm
+        for segment, logprobs in zip(missing, self._score_reference(reference, missing)):
             segment.ref_logprobs = logprobs.tolist()
 
     def _score_reference(self, model, segments) -> list[torch.Tensor]:
@@ -171,10 +197,14 @@ class LMPPO(PPO):
             actions = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
         return actions.cpu().numpy(), state
 
-    def _terminal_value(self, terminal_obs) -> float:
+    def _values_of(self, observations: list[dict]) -> list[float]:
+        """V(s) of single observations in one batched full forward (the rollout cache is left alone)."""
+        if not observations:
+            return []
+        ids, mask = (torch.as_tensor(np.stack([o[key] for o in observations]), device=self.device).long()
+                     for key in ("input_ids", "attention_mask"))
         with torch.no_grad():
-            obs = {key: torch.as_tensor(value[None], device=self.device) for key, value in terminal_obs.items()}
-            return float(self.policy.predict_values(obs).flatten()[0])
+            return self.policy.final_values(*_trim_left(ids, mask)).tolist()
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -185,14 +215,17 @@ class LMPPO(PPO):
         clip_range = self.clip_range(self._current_progress_remaining)
         clip_range_vf = self.clip_range_vf(self._current_progress_remaining) if self.clip_range_vf else None
         data = self._prepare_batch()
+        actor = self.trained_rollouts >= self.critic_warmup
         logs: dict[str, list[float]] = {}
         started = time.perf_counter()
         for _ in range(self.n_epochs):
             for rows in self._minibatches(data.mask):
-                stats = self._update(data, rows, clip_range, clip_range_vf)
+                stats = self._update(data, rows, clip_range, clip_range_vf, actor)
                 for key, value in stats.items():
                     logs.setdefault(key, []).append(value)
         self._n_updates += self.n_epochs
+        self.trained_rollouts += 1
+        self.logger.record("train/actor_frozen", int(not actor))
         self._log(data, logs, time.perf_counter() - started)
 
     def _prepare_batch(self) -> SegmentBatch:
@@ -221,22 +254,30 @@ class LMPPO(PPO):
         if group:
             yield group
 
-    def _update(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf) -> dict[str, float]:
-        loss, stats = self.segment_loss(data, rows, clip_range, clip_range_vf)
+    def _update(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf, actor: bool):
+        loss, stats = self.segment_loss(data, rows, clip_range, clip_range_vf, actor)
+        if self.ptx is not None and actor:
+            ptx_loss = self.ptx.loss(self.policy.lm)
+            loss = loss + self.ptx_coef * ptx_loss
+            stats["ptx_loss"] = ptx_loss.item()
         self.policy.optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
         self.policy.optimizer.step()
         return stats
 
-    def segment_loss(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf=None):
-        """SB3 PPO's loss on all tokens of the segments ``rows``, from one forward per segment."""
+    def segment_loss(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf=None,
+                     actor: bool = True):
+        """SB3 PPO's loss on all tokens of the segments ``rows``, from one forward per segment.
+
+        With ``actor=False`` (critic warm-up) the loss is the value loss alone and the policy LM gets no gradient.
+        """
         index = torch.as_tensor(rows, device=data.mask.device)
         ids, attention, mask = data.ids[index], data.attention_mask[index], data.mask[index]
         steps = int(mask.sum(dim=1).max())
         trim = lambda t: t[index][:, :steps]  # noqa: E731
         ids, attention = _trim_left(ids, attention)
-        logits, values = self.policy.read_positions(ids, attention, keep=steps + 1)
+        logits, values = self.policy.read_positions(ids, attention, keep=steps + 1, actor=actor)
         sub = SegmentBatch(ids, attention, trim(data.tokens), mask[:, :steps], trim(data.logprobs), trim(data.values),
                            trim(data.ref_logprobs), trim(data.scores), trim(data.scored), data.next_values[index])
         columns = sub.positions()
@@ -253,7 +294,9 @@ class LMPPO(PPO):
             values = sub.values + (values - sub.values).clamp(-clip_range_vf, clip_range_vf)
         value_loss = ((trim(data.returns) - values) ** 2)[valid].mean()
         entropy_loss = -entropy[valid].mean()
-        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+        loss = self.vf_coef * value_loss
+        if actor:
+            loss = loss + policy_loss + self.ent_coef * entropy_loss
         with torch.no_grad():
             log_ratio = (log_prob - sub.logprobs)[valid]
             stats = {
@@ -288,8 +331,7 @@ class LMPPO(PPO):
         self.logger.record("time/rollout_tokens_per_s", tokens / max(self.rollout_seconds, 1e-9))
         self.logger.record("time/train_tokens_per_s", tokens * self.n_epochs / max(train_seconds, 1e-9))
         if self.kl_target is not None:
-            error = float(np.clip(kl.mean().item() / self.kl_target - 1, -0.2, 0.2))
-            self.kl_coef *= 1 + error * tokens / self.kl_horizon
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, float(kl.mean()), self.kl_target, tokens, self.kl_horizon)
         self._watch(float(kl.mean()), float(data.mask.sum(dim=1).mean()))
 
     def _watch(self, kl: float, length: float) -> None:
@@ -301,6 +343,22 @@ class LMPPO(PPO):
         if not 0.5 <= length / self.initial_length <= 2.0:
             warnings.warn(f"mean response length moved from {self.initial_length:.1f} to {length:.1f} tokens: "
                           "check the samples for collapse", RuntimeWarning, stacklevel=2)
+
+
+def portable_policy_kwargs(kwargs: dict) -> dict:
+    """``kwargs`` with loaded ``model``/``value_model`` replaced by their ``name_or_path`` (tokenizer dropped)."""
+    portable = dict(kwargs)
+    for key in ("model", "value_model"):
+        model = portable.get(key)
+        if isinstance(model, torch.nn.Module):
+            name = getattr(model, "name_or_path", "")
+            if not name:
+                raise ValueError(f"policy_kwargs[{key!r}] is a loaded model without name_or_path: save it with "
+                                 "save_pretrained and pass its directory, so the checkpoint can name it")
+            portable[key] = name
+            if key == "model":
+                portable["tokenizer"] = None
+    return portable
 
 
 def _masked(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

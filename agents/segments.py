@@ -52,6 +52,10 @@ class SegmentCollector:
         segment.scores.append(score)
         segment.scored.append(scored)
 
+    def open_rows(self) -> list[int]:
+        """Rows whose open segment holds tokens (the rollout cut their episodes)."""
+        return [row for row, segment in enumerate(self.open) if segment is not None and segment.tokens]
+
     def close(self, row: int, next_value: float, terminated: bool = False, ended: bool = False,
               reward_components: dict | None = None) -> None:
         """Close ``row``'s segment (if it holds tokens) with its bootstrap value."""

@@ -43,15 +43,19 @@ class TrainConfig:
     alpha: float = 0.5
     max_new_tokens: int = 24
     max_prompt_tokens: int = 96
-    num_envs: int = 16
-    iterations: int = 12
-    learning_rate: float = 2e-5
+    num_envs: int = 32
+    iterations: int = 14
+    learning_rate: float = 1e-5
+    value_learning_rate: float = 1e-3
     n_epochs: int = 2
-    batch_size: int = 128
+    batch_size: int = 512
     kl_coef: float = 0.05
+    kl_target: float | None = None
+    critic_warmup: int = 1
     temperature: float = 1.0
     lora_rank: int = 0
     eval_prompts: int = 16
+    eval_samples: int = 4
     seed: int = 0
     device: str | None = None
 
@@ -94,15 +98,23 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
 
 def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
     """LMPPO with the run's settings; the policy starts from the same model as the env (the reference)."""
-    lora = None
-    if config.lora_rank:
-        lora = {"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "target_modules": "all-linear"}
     return LMPPO(
         env=env, n_steps=config.max_new_tokens, batch_size=config.batch_size, n_epochs=config.n_epochs,
-        learning_rate=config.learning_rate, kl_coef=config.kl_coef, seed=config.seed,
-        device=config.device or "auto",
-        policy_kwargs={"model": config.model, "temperature": config.temperature, "lora": lora, "device": config.device},
+        learning_rate=config.learning_rate, kl_coef=config.kl_coef, kl_target=config.kl_target,
+        critic_warmup=config.critic_warmup, seed=config.seed, device=config.device or "auto",
+        policy_kwargs=policy_kwargs(config, env),
     )
+
+
+def policy_kwargs(config: TrainConfig, env: SB3VecEnv) -> dict:
+    """The Transformer policy's settings. With LoRA the adapters go into the env's LM itself: one copy of
+    the base weights, which the env runs with the adapters off. Full fine-tuning trains a copy."""
+    kwargs = {"model": config.model, "temperature": config.temperature, "device": config.device,
+              "learning_rates": {"value": config.value_learning_rate}}
+    if config.lora_rank:
+        kwargs.update(model=env.model, tokenizer=env.tokenizer, lora={
+            "r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "target_modules": "all-linear"})
+    return kwargs
 
 
 def run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -110,12 +122,14 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())
     train_prompts, eval_prompts = split_prompts(config)
+    eval_prompts = eval_prompts * config.eval_samples
     env = make_env(config, train_prompts, config.num_envs, config.model, None)
-    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.venv.core.batch.model, env.venv.core.tokenizer)
+    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer)
     if resume:
         if not (run_dir / "checkpoint.zip").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")
-        agent = LMPPO.load(run_dir / "checkpoint", env=env, device=config.device or "auto")
+        agent = LMPPO.load(run_dir / "checkpoint", env=env, device=config.device or "auto",
+                           custom_objects={"policy_kwargs": policy_kwargs(config, env)})
         state = json.loads((run_dir / "state.json").read_text())
     else:
         agent = make_agent(config, env)
@@ -218,9 +232,13 @@ def write_report(run_dir: Path, state: dict) -> None:
     for label in ("before", "after"):
         record = state[label]
         parts = ", ".join(f"{k} {v:.3f}" for k, v in record["components"].items())
-        lines += [f"## {label} training", "", f"mean reward {record['reward']:.3f} ({parts}); KL {record['kl']:.3f}; "
+        lines += [f"## {label} training", "", f"mean reward {record['reward']:.3f} ± {record['reward_stderr']:.3f} "
+                  f"over {len(record['samples'])} responses ({parts}); KL {record['kl']:.3f}; "
                   f"length {record['length']:.1f} characters", ""]
-        lines += [f"- **{prompt}**\n  {response.strip()}" for prompt, response in record["samples"]] + [""]
+        first: dict = {}
+        for prompt, response in record["samples"]:
+            first.setdefault(prompt, response)  # one response per prompt: the first sampled
+        lines += [f"- **{prompt}**\n  {response.strip()}" for prompt, response in first.items()] + [""]
     (run_dir / "samples.md").write_text("\n".join(lines))
 
 
@@ -231,7 +249,7 @@ def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     for label in ("before", "after"):
         record = state[label]
         parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())
-        print(f"{label}: reward {record['reward']:.3f} ({parts}), KL {record['kl']:.3f}, "
+        print(f"{label}: reward {record['reward']:.3f} ± {record['reward_stderr']:.3f} ({parts}), KL {record['kl']:.3f}, "
               f"length {record['length']:.0f} chars")
     print(f"run directory: {run_dir} ({time.perf_counter() - started:.0f} s)")
     return state

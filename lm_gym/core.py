@@ -73,7 +73,7 @@ class TokenEpisodes:
         self.use_chat_template, self.truncate_prompt, self.multi_turn = use_chat_template, truncate_prompt, multi_turn
         self.vocab_size = output_vocab_size(model)
         self.obs_length = multi_turn.context_tokens if multi_turn else max_prompt_tokens + max_new_tokens
-        self.batch = EpisodeBatch(model, num_rows, self.obs_length, tokenizer.pad_token_id)
+        self.batch = EpisodeBatch(model, num_rows, self.obs_length, tokenizer.pad_token_id, base_model=True)
         self.device = self.batch.device
         self.stop_token_ids = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
         self.markers = self._markers() if multi_turn else None
@@ -253,7 +253,7 @@ def sample_continuations(
     Each continuation ends with a stop token or after ``limits[i]`` tokens. Rows draw their Gumbel noise
     from their own generator, so a row's text does not depend on which other rows share the batch.
     """
-    batch = EpisodeBatch(model, len(contexts), max_tokens, pad_token_id)
+    batch = EpisodeBatch(model, len(contexts), max_tokens, pad_token_id, base_model=True)
     batch.prefill(range(len(contexts)), contexts)
     outputs: list[list[int]] = [[] for _ in contexts]
     running = torch.ones(len(contexts), dtype=torch.bool, device=batch.device)

@@ -9,12 +9,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
-from transformers import AutoTokenizer
 
 from lm_gym.chat import has_chat_template
 from lm_gym.core import MultiTurn, TokenEpisodes, resolve_stop_tokens
 from lm_gym.data.prompts import load_prompts
-from lm_gym.models import ensure_pad_token, load_model
+from lm_gym.models import ensure_pad_token, load_model, load_tokenizer
 from lm_gym.rewards import as_reward, default_reward
 
 RESET_OPTIONS = {"prompt"}
@@ -238,7 +237,7 @@ def resolve_model(model, tokenizer, device, dtype):
         source = getattr(model, "name_or_path", "")
         if not source:
             raise ValueError("a loaded model needs tokenizer=...; it has no name_or_path to load one from")
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source)
     ensure_pad_token(tokenizer)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)

@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from lm_gym.kv_cache import EpisodeCache
+from lm_gym.models import adapters_disabled
 
 
 def cache_keyword(model) -> str:
@@ -57,10 +58,13 @@ class EpisodeBatch:
     :param pad_token_id: id that fills unused positions (always masked).
     :param keep_hidden: also keep the last hidden state at every row's latest position (``next_hidden``),
         for value heads.
+    :param base_model: run the model with any PEFT adapters in it switched off (the env's LM is the
+        reference, also when a LoRA policy shares its weights).
     """
 
-    def __init__(self, model, num_rows: int, max_tokens: int, pad_token_id: int, keep_hidden: bool = False):
-        self.model = model
+    def __init__(self, model, num_rows: int, max_tokens: int, pad_token_id: int, keep_hidden: bool = False,
+                 base_model: bool = False):
+        self.model, self.base_model = model, base_model
         self.device = model.device
         self.num_rows = num_rows
         self.max_tokens = max_tokens
@@ -84,7 +88,7 @@ class EpisodeBatch:
         ids, mask = pad_left(contexts, self.pad_token_id, self.device)
         positions = mask_positions(mask)
         prefill_cache = DynamicCache()
-        out = self.model(
+        out = self._run(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
             output_hidden_states=self.keep_hidden, **{self._cache_keyword: prefill_cache},
         )
@@ -134,13 +138,19 @@ class EpisodeBatch:
         cache.slot_mask[:, slot] = 1
         ids = torch.where(forward, tokens, self.pad_token_id)[:, None]
         positions = torch.where(forward, self.lengths - 1, 0)[:, None]
-        out = self.model(
+        out = self._run(
             input_ids=ids, attention_mask=cache.attention_mask(1), position_ids=positions, use_cache=True,
             output_hidden_states=self.keep_hidden, **{self._cache_keyword: cache},
         )
         self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         if self.keep_hidden:
             self.next_hidden = out.hidden_states[-1][:, -1].float()
+
+    def _run(self, **inputs):
+        if not self.base_model:
+            return self.model(**inputs)
+        with adapters_disabled(self.model):
+            return self.model(**inputs)
 
     def logprobs_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[i] | row i so far) under the model, for every row."""

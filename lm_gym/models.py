@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +49,28 @@ def cache_dir() -> Path:
 def default_device() -> torch.device:
     """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def adapters_disabled(model):
+    """Run ``model`` as its base model: PEFT adapters injected into it are switched off inside the block.
+
+    A LoRA policy may share its base weights with the env's LM (its adapters live inside the same modules);
+    the env and the reward scorers use this so that the env's LM stays the frozen reference.
+    """
+    if not hasattr(model, "peft_config"):
+        yield model
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def load_model(
@@ -118,6 +141,16 @@ def _load_pretrained(name: str, trust_remote_code: bool):
     return model, tokenizer
 
 
+def load_tokenizer(name: str | os.PathLike):
+    """The tokenizer of a model name that :func:`load_model` takes (``"tiny"``, ``"default"``, a path, a hub id)."""
+    if str(name) == "tiny":
+        tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(default_model_dir() if str(name) == "default" else name)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
 # --- the tiny model --------------------------------------------------------------------------------
 
 
@@ -144,6 +177,7 @@ def build_tiny_model(seed: int = 0, *, num_layers: int = 2, hidden_size: int = 6
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    model.name_or_path = model.config._name_or_path = "tiny"  # so a saved policy over it can name it
     return model, tokenizer
 
 

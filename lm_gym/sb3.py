@@ -32,6 +32,16 @@ class SB3VecEnv(VecEnv):
         super().__init__(num_envs, self.venv.single_observation_space, self.venv.single_action_space)
         self._actions: np.ndarray | None = None
 
+    @property
+    def model(self):
+        """The env's LM (also the reference model of ``ref_logprob``)."""
+        return self.venv.model
+
+    @property
+    def tokenizer(self):
+        """The env's tokenizer."""
+        return self.venv.tokenizer
+
     def reset(self):
         """Reset every env with the seeds and options set by ``seed()`` / ``set_options()``, if any."""
         seeds = None if all(seed is None for seed in self._seeds) else list(self._seeds)

@@ -64,6 +64,16 @@ class LanguageModelVectorEnv(VectorEnv):
         self._needs_reset = np.ones(self.num_envs, dtype=bool)
         self._started = np.zeros(self.num_envs, dtype=bool)
 
+    @property
+    def tokenizer(self):
+        """The env's tokenizer."""
+        return self.core.tokenizer
+
+    @property
+    def model(self):
+        """The env's LM (also the reference model of ``ref_logprob``)."""
+        return self.core.batch.model
+
     # --- reset ---------------------------------------------------------------------------------------
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):

@@ -85,6 +85,8 @@ def test_rollout_log_probs_match_the_one_forward_per_segment_evaluation(env):
 
 def test_segments_bootstrap_truncation_not_termination(env):
     agent = make_agent(env, n_steps=12)
+    assert not agent.policy.value_net_head.weight.any()  # V starts at 0: no random baseline
+    torch.nn.init.normal_(agent.policy.value_net_head.weight)  # a critic that has learned something
     collect(agent)
     ended = [s for s in agent.segments if s.ended]
     assert any(s.terminated is False for s in ended)  # the length limit truncates: bootstrapped
@@ -150,7 +152,7 @@ def test_update_equals_stock_sb3_ppo_on_the_same_batch(env):
     buffer.returns[:, 0] = data.returns[valid].numpy()
     before = {name: p.detach().clone() for name, p in agent.policy.named_parameters()}
     stock.train()
-    agent._update(data, list(range(len(segments))), 0.2, 0.2)
+    agent._update(data, list(range(len(segments))), 0.2, 0.2, actor=True)
     stock_params = dict(stock.policy.named_parameters())
     worst = max((p.detach() - stock_params[name].detach()).abs().max().item() for name, p in agent.policy.named_parameters())
     moved = max((p.detach() - before[name]).abs().max().item() for name, p in agent.policy.named_parameters())

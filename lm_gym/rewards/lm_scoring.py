@@ -1,15 +1,20 @@
-"""Batched scoring with a causal LM: continuation log-probs, next-token log-probs, mean-pooled states."""
+"""Batched scoring with a causal LM: continuation log-probs, next-token log-probs, mean-pooled states.
+
+A scoring LM is a reference: PEFT adapters injected into it (by a LoRA policy sharing its weights) are off.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from lm_gym.episodes import mask_positions, pad_left
+from lm_gym.models import adapters_disabled
 
 
 def _forward(model, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
     positions = mask_positions(mask)
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
+    with adapters_disabled(model):
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
 
 
 @torch.no_grad()

@@ -1,0 +1,56 @@
+"""The pretraining (ptx) term of PPO-ptx: next-token loss on supplied text, mixed into every PPO update.
+
+InstructGPT adds γ·E[log π(x)] over pretraining text to the PPO objective so that RL fine-tuning does not
+erode what the LM could already do. :class:`PretrainingBatches` packs the texts into fixed-length token
+blocks (every token is kept: the last block of the stream may be shorter) and serves them in order, cycling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class PretrainingBatches:
+    """Packed token blocks of ``texts``, served ``batch_size`` at a time.
+
+    :param texts: the pretraining (or any reference) text.
+    :param tokenizer: the policy's tokenizer; an EOS token separates the texts when it has one.
+    :param block_tokens: tokens per block.
+    :param batch_size: blocks per batch.
+    """
+
+    def __init__(self, texts: Sequence[str], tokenizer, block_tokens: int = 256, batch_size: int = 4):
+        if isinstance(texts, str) or not texts:
+            raise ValueError("ptx_texts must be a non-empty list of strings")
+        if block_tokens < 2 or batch_size < 1:
+            raise ValueError(f"need block_tokens >= 2 and batch_size >= 1, got {block_tokens} and {batch_size}")
+        separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        stream = []
+        for text in texts:
+            stream += tokenizer(text, add_special_tokens=False).input_ids + separator
+        self.blocks = [stream[start : start + block_tokens] for start in range(0, len(stream), block_tokens)]
+        self.blocks = [block for block in self.blocks if len(block) >= 2]  # a 1-token block has nothing to predict
+        if not self.blocks:
+            raise ValueError("ptx_texts hold fewer than 2 tokens")
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batch_size, self.position = batch_size, 0
+
+    def next_batch(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, labels) of the next ``batch_size`` blocks; padding is labelled -100."""
+        blocks = [self.blocks[(self.position + i) % len(self.blocks)] for i in range(self.batch_size)]
+        self.position = (self.position + self.batch_size) % len(self.blocks)
+        width = max(len(block) for block in blocks)
+        ids = torch.full((len(blocks), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(blocks), width), dtype=torch.long)
+        for row, block in enumerate(blocks):
+            ids[row, : len(block)] = torch.as_tensor(block)
+            mask[row, : len(block)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return ids.to(device), mask.to(device), labels.to(device)
+
+    def loss(self, lm) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``lm`` on the next batch."""
+        ids, mask, labels = self.next_batch(lm.device)
+        return lm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
