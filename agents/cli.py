@@ -122,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     config = TrainConfig(model=args.reference, alpha=args.alpha, eval_prompts=args.eval_prompts, seed=args.seed)
     _, prompts = split_prompts(config)
-    env = make_env(config, prompts, len(prompts), args.reference, None)
+    env = make_env(config, prompts, len(prompts), args.reference, None, training=False)
     agent = LMPPO(env=env, n_steps=config.max_new_tokens, policy_kwargs={"model": args.model}, seed=args.seed)
     record = evaluate(agent, env, prompts, args.seed)
     parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())

@@ -157,16 +157,19 @@ class LMPPO(PPO):
     def _fill_reference_logprobs(self) -> None:
         """Where the env gave no ``ref_logprob``, score the segments with the reference: one forward each.
 
-        The reference is the policy's LM with its LoRA adapters off (the scorer switches them off), or else
-        a frozen copy of the LM taken when first needed (before any update, that is the initial policy).
+        The reference is the env's LM when the env has one (an lm-gym env made with
+        ``reference_logprobs=False``), else the policy's LM with its LoRA adapters off (the scorer switches
+        them off), else a frozen copy of the LM taken when first needed (before any update: the initial policy).
         """
         missing = [s for s in self.segments if any(np.isnan(s.ref_logprobs))]
         if not missing:
             return
-        reference = self.policy.lm
-        if not hasattr(reference, "peft_config"):
+        reference = _env_lm(self.env)
+        if reference is None and hasattr(self.policy.lm, "peft_config"):
+            reference = self.policy.lm
+        if reference is None:
             if self.reference_lm is None:
-                self.reference_lm = copy.deepcopy(reference).requires_grad_(False).eval()
+                self.reference_lm = copy.deepcopy(self.policy.lm).requires_grad_(False).eval()
             reference = self.reference_lm
         for segment, logprobs in zip(missing, self._score_reference(reference, missing)):
             segment.ref_logprobs = logprobs.tolist()
@@ -343,6 +346,14 @@ class LMPPO(PPO):
         if not 0.5 <= length / self.initial_length <= 2.0:
             warnings.warn(f"mean response length moved from {self.initial_length:.1f} to {length:.1f} tokens: "
                           "check the samples for collapse", RuntimeWarning, stacklevel=2)
+
+
+def _env_lm(env):
+    """The LM of an lm-gym env (``SB3VecEnv``, or a VecEnv of ``LanguageModelEnv``), or None."""
+    model = getattr(env, "model", None)
+    if model is None and env.has_attr("model"):
+        model = env.get_attr("model", [0])[0]
+    return model if isinstance(model, torch.nn.Module) and hasattr(model, "get_output_embeddings") else None
 
 
 def portable_policy_kwargs(kwargs: dict) -> dict:

@@ -86,13 +86,17 @@ def split_prompts(config: TrainConfig) -> tuple[list, list]:
     return prompts[: -config.eval_prompts], prompts[-config.eval_prompts :]
 
 
-def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer) -> SB3VecEnv:
-    """The training or evaluation env: default blended reward with the configured alpha."""
+def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, training: bool) -> SB3VecEnv:
+    """The training or evaluation env: default blended reward with the configured alpha.
+
+    The training env does not score tokens as they are taken (LMPPO scores the reference in one forward per
+    episode instead, which is cheaper); the evaluation env does, for the KL it reports.
+    """
     reward = BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=config.alpha)
     return SB3VecEnv(
         num_envs, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward,
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
-        truncate_prompt="left", device=config.device,
+        truncate_prompt="left", reference_logprobs=not training, device=config.device,
     )
 
 
@@ -123,8 +127,8 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     (run_dir / "config.toml").write_text(config.to_toml())
     train_prompts, eval_prompts = split_prompts(config)
     eval_prompts = eval_prompts * config.eval_samples
-    env = make_env(config, train_prompts, config.num_envs, config.model, None)
-    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer)
+    env = make_env(config, train_prompts, config.num_envs, config.model, None, training=True)
+    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, training=False)
     if resume:
         if not (run_dir / "checkpoint.zip").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")

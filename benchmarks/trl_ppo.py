@@ -115,7 +115,8 @@ def run_ours(args, prompts: list[str], ids: list[list[int]], reward_dir: Path) -
     """LMPPO's iterations: each starts every env row on its prompt and runs ``learn()`` for one rollout."""
     reward = TimedRewardModel(reward_dir, device="cpu")
     env = SB3VecEnv(len(prompts), model="default", prompts=prompts, reward=reward, device="cpu",
-                    max_new_tokens=args.response_tokens, max_prompt_tokens=max(map(len, ids)))
+                    max_new_tokens=args.response_tokens, max_prompt_tokens=max(map(len, ids)),
+                    reference_logprobs=False)
     tokens = len(prompts) * args.response_tokens
     agent = LMPPO(env=env, n_steps=args.response_tokens, batch_size=tokens // args.minibatches, n_epochs=args.epochs,
                   learning_rate=args.learning_rate, seed=args.seed, device="cpu",

@@ -66,14 +66,16 @@ class TokenEpisodes:
         self, model, tokenizer, num_rows: int, prompts: PromptSampler, reward: Reward, *,
         max_new_tokens: int, max_prompt_tokens: int, use_chat_template: bool,
         stop_token_ids: Sequence[int], truncate_prompt: str | None, multi_turn: MultiTurn | None,
-        allowed_token_ids: Sequence[int] | None = None,
+        allowed_token_ids: Sequence[int] | None = None, reference_logprobs: bool = True,
     ):
         self.tokenizer, self.prompts, self.reward = tokenizer, prompts, reward
+        self.reference_logprobs = reference_logprobs
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.use_chat_template, self.truncate_prompt, self.multi_turn = use_chat_template, truncate_prompt, multi_turn
         self.vocab_size = output_vocab_size(model)
         self.obs_length = multi_turn.context_tokens if multi_turn else max_prompt_tokens + max_new_tokens
-        self.batch = EpisodeBatch(model, num_rows, self.obs_length, tokenizer.pad_token_id, base_model=True)
+        self.batch = EpisodeBatch(model, num_rows, self.obs_length, tokenizer.pad_token_id, base_model=True,
+                                  score=reference_logprobs)
         self.device = self.batch.device
         self.stop_token_ids = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
         self.markers = self._markers() if multi_turn else None
@@ -148,18 +150,21 @@ class TokenEpisodes:
 
     def _score(self, rows: list[int], reward: torch.Tensor, infos: list[dict]) -> None:
         """Decode the finished turns of ``rows`` once and score them in one reward call."""
-        responses, response_ids, ref_logprobs, stopped = [], [], [], []
+        responses, response_ids, context_ids, ref_logprobs, stopped = [], [], [], [], []
         stop_ids = self.stop_token_ids.tolist()
         for row in rows:
             start, end = int(self.turn_start[row]), int(self.batch.lengths[row])
-            ids = self.batch.row_tokens(row, start)
+            tokens = self.batch.row_tokens(row)
+            ids = tokens[start:]
             response_ids.append(ids)
+            context_ids.append(tokens[:start])
             ref_logprobs.append(self.ref_logprobs[row, start:end])
             stopped.append(bool(ids) and ids[-1] in stop_ids)
             responses.append(self.decode_response(ids))
         prompts = [self.turns[row][-1]["text"] for row in rows]
         output = self.reward.evaluate(
-            prompts, responses, response_ids=response_ids, ref_logprobs=ref_logprobs, stopped=stopped
+            prompts, responses, response_ids=response_ids, context_ids=context_ids, stopped=stopped,
+            ref_logprobs=ref_logprobs if self.reference_logprobs else None,
         )
         reward[rows] = output.total.to(self.device)
         for j, row in enumerate(rows):

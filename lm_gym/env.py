@@ -39,7 +39,8 @@ class LanguageModelEnv(gym.Env):
         ``fn(np_random) -> prompt``, or ``None`` for the 240 shipped default prompts.
     :param reward: a :class:`lm_gym.rewards.Reward` or any callable ``(prompts, responses, **context) ->
         scores``; default ``BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=0.5)``. The reward
-        context carries ``response_ids``, ``ref_logprobs`` (per-token reference log-probs) and ``stopped``.
+        context carries ``response_ids``, ``context_ids`` (the tokens before the response), ``ref_logprobs``
+        (per-token reference log-probs, or None with ``reference_logprobs=False``) and ``stopped``.
     :param max_new_tokens: response length limit (per agent turn in multi-turn mode).
     :param max_prompt_tokens: prompt length limit, chat formatting included.
     :param use_chat_template: format prompts with the tokenizer's chat template; default on when it has one.
@@ -48,6 +49,10 @@ class LanguageModelEnv(gym.Env):
     :param multi_turn: ``None`` for single-turn episodes, or :class:`MultiTurn` settings (or a dict of them).
     :param allowed_token_ids: restrict the actions to these token ids (other ids raise); ``action_masks()``
         then marks them, for maskable policies. ``None``: every token is allowed.
+    :param reference_logprobs: score every token under the env's LM as it is taken (``info["ref_logprob"]``
+        and the reward context's ``ref_logprobs``). With ``False`` the LM does not run during steps at all
+        (the env only keeps tokens): cheaper when the agent scores the reference itself, as ``LMPPO`` does
+        in one batched forward per episode; rewards that need reference log-probs score the finished response.
     :param device: device of the LM; default CUDA when available.
     :param dtype: dtype of the LM when loaded here; default float32.
     :param render_mode: ``"ansi"`` (``render()`` returns text) or ``"human"`` (prints it).
@@ -68,6 +73,7 @@ class LanguageModelEnv(gym.Env):
         truncate_prompt: str | None = None,
         multi_turn: MultiTurn | dict | None = None,
         allowed_token_ids: Any = None,
+        reference_logprobs: bool = True,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         render_mode: str | None = None,
@@ -79,7 +85,7 @@ class LanguageModelEnv(gym.Env):
             1, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward, max_new_tokens=max_new_tokens,
             max_prompt_tokens=max_prompt_tokens, use_chat_template=use_chat_template, stop_token_ids=stop_token_ids,
             truncate_prompt=truncate_prompt, multi_turn=multi_turn, allowed_token_ids=allowed_token_ids,
-            device=device, dtype=dtype,
+            reference_logprobs=reference_logprobs, device=device, dtype=dtype,
         )
         self.observation_space = observation_space(self.core.vocab_size, self.core.obs_length)
         self.action_space = spaces.Discrete(self.core.vocab_size)
@@ -117,13 +123,16 @@ class LanguageModelEnv(gym.Env):
         result = self.core.step(actions, torch.ones(1, dtype=torch.bool, device=self.core.device))
         terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
         self._episode_over = terminated or truncated
-        info = {"ref_logprob": float(result.ref_logprob[0]), **result.infos[0]}
+        info = {"ref_logprob": float(result.ref_logprob[0])} if self.core.reference_logprobs else {}
+        info.update(result.infos[0])
         if self.render_mode == "human":
             self.render()
         return self._observation(), float(result.reward[0]), terminated, truncated, info
 
     def next_token_logprobs(self) -> torch.Tensor:
         """log π_ref(· | observation) over the action space, on the env's device (valid until the next step)."""
+        if not self.core.reference_logprobs:
+            raise RuntimeError("this env was made with reference_logprobs=False: its LM does not run during steps")
         return self.core.batch.next_logprobs[0]
 
     def render(self):
@@ -193,7 +202,8 @@ def validate_action(action, vocab_size: int, allowed: np.ndarray | None = None) 
 
 def build_episodes(
     num_rows: int, *, model, tokenizer, prompts, reward, max_new_tokens, max_prompt_tokens, use_chat_template,
-    stop_token_ids, truncate_prompt, multi_turn, allowed_token_ids=None, device=None, dtype=None,
+    stop_token_ids, truncate_prompt, multi_turn, allowed_token_ids=None, reference_logprobs=True, device=None,
+    dtype=None,
 ) -> TokenEpisodes:
     """Resolve the env keywords (load the model, the prompts, the reward) into a :class:`TokenEpisodes`."""
     for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
@@ -220,6 +230,7 @@ def build_episodes(
         max_new_tokens=int(max_new_tokens), max_prompt_tokens=int(max_prompt_tokens),
         use_chat_template=use_chat_template, stop_token_ids=resolve_stop_tokens(tokenizer, model, stop_token_ids),
         truncate_prompt=truncate_prompt, multi_turn=multi_turn, allowed_token_ids=allowed_token_ids,
+        reference_logprobs=bool(reference_logprobs),
     )
 
 

@@ -60,21 +60,24 @@ class EpisodeBatch:
         for value heads.
     :param base_model: run the model with any PEFT adapters in it switched off (the env's LM is the
         reference, also when a LoRA policy shares its weights).
+    :param score: run the model at all; with False only the tokens are kept (no KV cache, no forwards)
+        and ``next_logprobs`` stays NaN.
     """
 
     def __init__(self, model, num_rows: int, max_tokens: int, pad_token_id: int, keep_hidden: bool = False,
-                 base_model: bool = False):
-        self.model, self.base_model = model, base_model
+                 base_model: bool = False, score: bool = True):
+        self.model, self.base_model, self.score = model, base_model, score
         self.device = model.device
         self.num_rows = num_rows
         self.max_tokens = max_tokens
         self.pad_token_id = pad_token_id
         self.tokens = torch.full((num_rows, max_tokens), pad_token_id, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(num_rows, dtype=torch.long, device=self.device)
-        self.next_logprobs = torch.zeros(num_rows, output_vocab_size(model), device=self.device)
+        self.next_logprobs = torch.full((num_rows, output_vocab_size(model) if score else 1), float("nan"),
+                                        device=self.device)
         num_layers = model.config.get_text_config().num_hidden_layers
         capacity = max_tokens + max(8, max_tokens // 4)
-        self.cache = EpisodeCache(num_layers, num_rows, capacity, self.device)
+        self.cache = EpisodeCache(num_layers, num_rows, capacity if score else 1, self.device)
         self._cache_keyword = cache_keyword(model)
         self.keep_hidden = keep_hidden
         self.next_hidden: torch.Tensor | None = None
@@ -86,13 +89,16 @@ class EpisodeBatch:
             if not 0 < len(context) <= self.max_tokens:
                 raise ValueError(f"a context must hold 1..{self.max_tokens} tokens, got {len(context)}")
         ids, mask = pad_left(contexts, self.pad_token_id, self.device)
+        row_index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        self._write_tokens(row_index, ids, mask)
+        if not self.score:
+            return
         positions = mask_positions(mask)
         prefill_cache = DynamicCache()
         out = self._run(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
             output_hidden_states=self.keep_hidden, **{self._cache_keyword: prefill_cache},
         )
-        row_index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
         if len(row_index) == self.num_rows:
             self.cache.clear()  # a full reset starts from the same layout whatever came before
         self.cache.place(row_index, prefill_cache, mask)
@@ -102,7 +108,6 @@ class EpisodeBatch:
             if self.next_hidden is None:
                 self.next_hidden = hidden.new_zeros(self.num_rows, hidden.shape[-1])
             self.next_hidden[row_index] = hidden
-        self._write_tokens(row_index, ids, mask)
 
     def _write_tokens(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
         lengths = mask.sum(dim=1)
@@ -127,7 +132,7 @@ class EpisodeBatch:
                 raise RuntimeError(f"an episode row is full ({self.max_tokens} tokens)")
             self.tokens[rows, self.lengths[rows]] = tokens[rows]
             self.lengths[rows] += 1
-        if bool(forward.any()):
+        if self.score and bool(forward.any()):
             self._forward_last(tokens, forward)
 
     def _forward_last(self, tokens: torch.Tensor, forward: torch.Tensor) -> None:
@@ -153,7 +158,9 @@ class EpisodeBatch:
             return self.model(**inputs)
 
     def logprobs_of(self, tokens: torch.Tensor) -> torch.Tensor:
-        """log p(tokens[i] | row i so far) under the model, for every row."""
+        """log p(tokens[i] | row i so far) under the model, for every row (NaN when not scoring)."""
+        if not self.score:
+            return self.next_logprobs[:, 0].clone()
         return self.next_logprobs.gather(1, tokens[:, None]).squeeze(1)
 
     def observation(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,11 +131,11 @@ class LanguageModelVectorEnv(VectorEnv):
             )
         result = self.core.step(tokens, torch.as_tensor(~resetting, device=self.core.device))
         ended = (result.terminated | result.truncated).cpu().numpy()
-        ref_logprob = result.ref_logprob.double().cpu().numpy()
-        row_infos = [
-            {} if resetting[row] else {"ref_logprob": float(ref_logprob[row]), **result.infos[row]}
-            for row in range(self.num_envs)
-        ]
+        row_infos = [{} if resetting[row] else dict(result.infos[row]) for row in range(self.num_envs)]
+        if self.core.reference_logprobs:
+            ref_logprob = result.ref_logprob.double().cpu().numpy()
+            for row in np.flatnonzero(~resetting):
+                row_infos[row] = {"ref_logprob": float(ref_logprob[row]), **row_infos[row]}
         no_prompts = [None] * self.num_envs
         if self.autoreset_mode == AutoresetMode.NEXT_STEP and resetting.any():
             self._reset_rows(np.flatnonzero(resetting), no_prompts, row_infos)

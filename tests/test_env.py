@@ -94,6 +94,26 @@ def test_ref_logprob_equals_full_forward(make_tiny_env, tiny, multi_turn):
     assert checked > 10
 
 
+@pytest.mark.parametrize("multi_turn", [None, {"max_turns": 2, "max_reply_tokens": 4, "context_tokens": 96}],
+                         ids=["single", "multi-turn"])
+def test_without_reference_logprobs_the_episodes_and_rewards_are_the_same(make_tiny_env, multi_turn):
+    fluency = lm_gym.rewards.FluencyReward()  # reads ref_logprobs, or scores the response itself without them
+    scored = make_tiny_env(multi_turn=multi_turn, reward=fluency, max_new_tokens=5)
+    unscored = make_tiny_env(multi_turn=multi_turn, reward=lm_gym.rewards.FluencyReward(), max_new_tokens=5,
+                             reference_logprobs=False)
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        actions = [int(a) for a in rng.integers(3, 900, size=20)]
+        a_obs, a_steps = play(scored, actions, seed=seed)
+        b_obs, b_steps = play(unscored, actions, seed=seed)
+        assert_same_observations(a_obs, b_obs)
+        for (a_reward, *a_flags, a_info), (b_reward, *b_flags, b_info) in zip(a_steps, b_steps):
+            assert a_flags == b_flags and "ref_logprob" in a_info and "ref_logprob" not in b_info
+            assert b_reward == pytest.approx(a_reward, abs=1e-4)
+    with pytest.raises(RuntimeError, match="reference_logprobs=False"):
+        unscored.unwrapped.next_token_logprobs()
+
+
 def test_stop_token_terminates_and_reward_comes_last(make_tiny_env):
     env = make_tiny_env(reward=lambda prompts, responses, **_: [float(len(r)) + 1.0 for r in responses])
     _, steps = play(env, [40, 41, stop_id(env)])

@@ -158,3 +158,18 @@ def test_save_names_a_loaded_model_and_load_can_share_it_again(tmp_path):
     with torch.no_grad():
         assert torch.allclose(by_name.policy.read_latest({k: torch.as_tensor(v) for k, v in obs.items()})[0],
                               expected, atol=1e-5)
+
+
+def test_lmppo_scores_the_reference_itself_when_the_env_does_not(tiny):
+    model, tokenizer = tiny
+    segments = []
+    for reference_logprobs in (True, False):
+        env = SB3VecEnv(3, model=model, tokenizer=tokenizer, max_new_tokens=5, max_prompt_tokens=64,
+                        reward=length_reward, reference_logprobs=reference_logprobs)
+        agent = make_agent(env, learning_rate=0.0)
+        agent.learn(2 * agent.n_steps * agent.n_envs)
+        segments.append(agent.segments)
+    assert [s.tokens for s in segments[0]] == [s.tokens for s in segments[1]]
+    scored = [v for s in segments[0] for v in s.ref_logprobs]
+    computed = [v for s in segments[1] for v in s.ref_logprobs]
+    assert len(scored) == 5 * 3 and computed == pytest.approx(scored, abs=1e-4)

@@ -71,8 +71,8 @@ def test_sample_callback_writes_responses_for_fixed_prompts(tmp_path, tiny):
     model, tokenizer = tiny
     config = TrainConfig(**TINY)
     prompts = ["Name a colour.", "Say hello."]
-    env = training.make_env(config, ["Count to three."] * 4, 4, model, tokenizer)
-    sample_env = training.make_env(config, prompts, 2, model, tokenizer)
+    env = training.make_env(config, ["Count to three."] * 4, 4, model, tokenizer, training=True)
+    sample_env = training.make_env(config, prompts, 2, model, tokenizer, training=False)
     agent = training.make_agent(config, env)
     callback = SampleResponsesCallback(sample_env, prompts, tmp_path / "samples.md", every=2)
     agent.learn(4 * config.max_new_tokens * 4, callback=callback)

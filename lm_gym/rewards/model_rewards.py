@@ -120,7 +120,9 @@ class FluencyReward(Reward):
     """Mean per-token log-likelihood of the response under the reference LM (≤ 0; higher is more fluent).
 
     Inside the env it reads ``context["ref_logprobs"]`` (the env's LM scored every token as it was taken),
-    so it costs no forward. Elsewhere it runs the bound or given LM over prompt and response.
+    so it costs no forward. Without them (an env made with ``reference_logprobs=False``) it scores the env's
+    exact tokens (``context_ids`` and ``response_ids``) with the bound LM in one batched forward; outside an
+    env it encodes the prompt and response texts.
     """
 
     name = "fluency"
@@ -133,15 +135,20 @@ class FluencyReward(Reward):
         if self.model is None:
             self.model, self.tokenizer = model, tokenizer
 
-    def __call__(self, prompts, responses, ref_logprobs=None, **context) -> torch.Tensor:
+    def __call__(self, prompts, responses, ref_logprobs=None, context_ids=None, response_ids=None,
+                 **context) -> torch.Tensor:
         if ref_logprobs is None:
-            ref_logprobs = self._score(prompts, responses)
+            ref_logprobs = self._score(prompts, responses, context_ids, response_ids)
         return torch.stack([lp.float().mean() if len(lp) else torch.tensor(0.0) for lp in ref_logprobs]).cpu()
 
-    def _score(self, prompts, responses) -> list[torch.Tensor]:
+    def _score(self, prompts, responses, context_ids, response_ids) -> list[torch.Tensor]:
+        """Reference log-probs of the response tokens: the env's exact tokens when given, else the encoded text."""
         if self.model is None:
             raise ValueError("FluencyReward needs context['ref_logprobs'] or an LM (model=, tokenizer=)")
-        chat = has_chat_template(self.tokenizer)
-        prefixes = [encode_prompt(self.tokenizer, p, chat) for p in prompts]
-        continuations = [self.tokenizer(r, add_special_tokens=False).input_ids for r in responses]
+        if context_ids is not None and response_ids is not None:
+            prefixes, continuations = context_ids, response_ids
+        else:
+            chat = has_chat_template(self.tokenizer)
+            prefixes = [encode_prompt(self.tokenizer, p, chat) for p in prompts]
+            continuations = [self.tokenizer(r, add_special_tokens=False).input_ids for r in responses]
         return continuation_logprobs(self.model, prefixes, continuations, self.tokenizer.pad_token_id)
