@@ -7,8 +7,9 @@ from agents.callbacks import SampleResponsesCallback
 from agents.export import export_pretrained
 from agents.policy import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
 from agents.ppo import LMPPO
+from agents.reward_model import RewardModel, evaluate_reward_model, train_reward_model
 
 __all__ = [
-    "LMPPO", "MaskableTransformerActorCriticPolicy", "SampleResponsesCallback", "TransformerActorCriticPolicy",
-    "export_pretrained",
+    "LMPPO", "MaskableTransformerActorCriticPolicy", "RewardModel", "SampleResponsesCallback",
+    "TransformerActorCriticPolicy", "evaluate_reward_model", "export_pretrained", "train_reward_model",
 ]

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lm-gym", description="Reinforcement learning on language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
+    _add_rlhf(commands)
     _add_generate(commands)
     _add_eval(commands)
     rollout = commands.add_parser("rollout", help="play a few episodes of LanguageModelEnv-v0 and print them")
@@ -50,11 +51,43 @@ def _add_train(commands) -> None:
     train.add_argument("--config", help="a TOML file of settings (flags override it)")
     train.add_argument("--run-dir", help="where to write the run (default runs/<date-time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    for field in dataclasses.fields(TrainConfig):
-        kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
-        train.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
-                           help=f"default {field.default!r}")
+    _add_config_flags(train, TrainConfig)
     train.set_defaults(handler=run_train)
+
+
+def _add_config_flags(parser, config_class, skip=()) -> None:
+    """One flag per field of a config dataclass (default None: not given)."""
+    for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
+        flag, kind = f"--{field.name.replace('_', '-')}", str(field.type).split(" ")[0]
+        if kind == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=f"default {field.default!r}")
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None,
+                                help=f"default {field.default!r}")
+
+
+def _add_rlhf(commands) -> None:
+    from agents.rlhf import PRESETS, RLHFConfig
+
+    rlhf = commands.add_parser("rlhf", help="preferences -> (SFT) -> reward model -> LMPPO -> tuned model")
+    rlhf.add_argument("--preset", choices=sorted(PRESETS), help="small settings ('smoke': tiny model, minutes)")
+    rlhf.add_argument("--run-dir", help="where to write the run (default runs/rlhf-<date-time>)")
+    _add_config_flags(rlhf, RLHFConfig, skip=("prompts",))
+    rlhf.set_defaults(handler=run_rlhf)
+
+
+def run_rlhf(args: argparse.Namespace) -> int:
+    """``lm-gym rlhf``: every stage into one run directory, ending with report.md."""
+    from agents.rlhf import RLHFConfig, run_rlhf as run_pipeline
+
+    names = {f.name for f in dataclasses.fields(RLHFConfig)} - {"prompts"}
+    config = RLHFConfig.preset(args.preset, **{name: getattr(args, name) for name in names})
+    run_dir = Path(args.run_dir or f"runs/rlhf-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_pipeline(config, run_dir)
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:

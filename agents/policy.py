@@ -9,6 +9,8 @@ row through a KV cache (:class:`agents.cached_lm.CachedLM`).
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,9 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
 from agents.cached_lm import CachedLM
+from agents.reward_model import RewardModel, critic_from_reward_model
 from lm_gym.env import resolve_model
+from lm_gym.rewards.model_rewards import REWARD_STATS_FILE
 
 PARTS = ("body", "head", "value")
 
@@ -62,7 +66,9 @@ class TransformerPolicyMixin:
     :param tokenizer: with a loaded model whose tokenizer cannot be loaded from ``name_or_path``.
     :param value_head: ``"shared"`` (a linear head on the policy LM's last hidden state) or ``"separate"``
         (a linear head on its own copy of the LM, or on ``value_model``).
-    :param value_model: the backbone of a separate value head (name, path or loaded causal LM).
+    :param value_model: the backbone of a separate value head: a causal LM (name, path or loaded), or a
+        reward model (:class:`agents.RewardModel` or its saved directory), whose transformer becomes the
+        critic's backbone and whose head, rescaled to standardised rewards, initialises the value head.
     :param lora: ``None`` (full fine-tuning) or LoRA settings (peft ``LoraConfig`` or a dict of its fields).
     :param temperature: π(a|s) = softmax(logits / temperature).
     :param learning_rates: ``{"body", "head", "value"}`` initial learning rates; missing parts use SB3's
@@ -94,12 +100,12 @@ class TransformerPolicyMixin:
         self.temperature = temperature
         lm, self.tokenizer = resolve_model(model, tokenizer, device, None)
         lm = apply_lora(lm, lora) if lora else lm.requires_grad_(True)
-        backbone = None
+        backbone, value_init = None, None
         if value_head == "separate":
-            backbone = resolve_model(value_model, None, device, None)[0] if value_model is not None else copy.deepcopy(lm)
+            backbone, value_init = _value_backbone(value_model, lm, device)
             backbone.requires_grad_(True)
         # nn.Module forbids assigning submodules before its __init__; _build (called by SB3's __init__) does it.
-        self._networks = {"lm": lm, "value_backbone": backbone}
+        self._networks = {"lm": lm, "value_backbone": backbone, "value_init": value_init}
 
     def _build_networks(self) -> None:
         networks = self.__dict__.pop("_networks")
@@ -110,6 +116,10 @@ class TransformerPolicyMixin:
         self.value_net_head = nn.Linear(hidden, 1).to(self.lm.device)
         nn.init.zeros_(self.value_net_head.weight)  # V = 0 at the start: no random baseline in the first advantages
         nn.init.zeros_(self.value_net_head.bias)
+        if networks["value_init"] is not None:  # a critic from a reward model
+            with torch.no_grad():
+                self.value_net_head.weight.copy_(networks["value_init"][0])
+                self.value_net_head.bias.copy_(networks["value_init"][1])
 
     def _build(self, lr_schedule) -> None:
         """Build the networks, and the optimizer over LM body, LM head and value head with their own rates."""
@@ -191,6 +201,18 @@ class TransformerPolicyMixin:
         data = super()._get_constructor_parameters()
         data.update(self.transformer_kwargs)
         return data
+
+
+def _value_backbone(value_model, lm, device):
+    """(backbone, (head weight, head bias) or None) of a separate critic; see ``value_model``."""
+    if value_model is None:
+        return copy.deepcopy(lm), None
+    if isinstance(value_model, RewardModel) or (
+        isinstance(value_model, (str, os.PathLike)) and (Path(value_model) / REWARD_STATS_FILE).is_file()
+    ):
+        backbone, weight, bias = critic_from_reward_model(value_model, device)
+        return backbone, (weight, bias)
+    return resolve_model(value_model, None, device, None)[0], None
 
 
 class TransformerActorCriticPolicy(TransformerPolicyMixin, ActorCriticPolicy):

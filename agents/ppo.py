@@ -357,10 +357,15 @@ def _env_lm(env):
 
 
 def portable_policy_kwargs(kwargs: dict) -> dict:
-    """``kwargs`` with loaded ``model``/``value_model`` replaced by their ``name_or_path`` (tokenizer dropped)."""
+    """``kwargs`` with loaded ``model``/``value_model`` replaced by their ``name_or_path`` (tokenizer dropped).
+
+    The weights live in the checkpoint's state dict; the name only rebuilds the architecture on load.
+    """
     portable = dict(kwargs)
     for key in ("model", "value_model"):
         model = portable.get(key)
+        if isinstance(getattr(model, "model", None), torch.nn.Module) and not isinstance(model, torch.nn.Module):
+            model = model.model  # a RewardModel: its classifier names the architecture; the weights are saved
         if isinstance(model, torch.nn.Module):
             name = getattr(model, "name_or_path", "")
             if not name:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,13 +87,34 @@ def split_prompts(config: TrainConfig) -> tuple[list, list]:
     return prompts[: -config.eval_prompts], prompts[-config.eval_prompts :]
 
 
-def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, training: bool) -> SB3VecEnv:
-    """The training or evaluation env: default blended reward with the configured alpha.
+@dataclass
+class Task:
+    """What the policy trains on: training and held-out prompts, and a factory of the reward (one per env)."""
+
+    train_prompts: list
+    eval_prompts: list
+    reward: Callable[[], object]
+
+
+def default_task(config: TrainConfig) -> Task:
+    """The configured prompts (default: the shipped set) with the default blend r = α·r_f + (1-α)·fluency."""
+    train_prompts, eval_prompts = split_prompts(config)
+    return Task(train_prompts, eval_prompts, lambda: default_blend(config.alpha))
+
+
+def default_blend(alpha: float) -> BlendedReward:
+    """r = α·r_f (shipped feedback set) + (1-α)·fluency under the reference LM."""
+    return BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=alpha)
+
+
+def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, training: bool,
+             reward=None) -> SB3VecEnv:
+    """The training or evaluation env (``reward`` default: the default task's blend).
 
     The training env does not score tokens as they are taken (LMPPO scores the reference in one forward per
     episode instead, which is cheaper); the evaluation env does, for the KL it reports.
     """
-    reward = BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=config.alpha)
+    reward = reward if reward is not None else default_blend(config.alpha)
     return SB3VecEnv(
         num_envs, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward,
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
@@ -121,14 +143,15 @@ def policy_kwargs(config: TrainConfig, env: SB3VecEnv) -> dict:
     return kwargs
 
 
-def run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
-    """Train (or resume) into ``run_dir``; return the before/after evaluation."""
+def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | None = None) -> dict:
+    """Train (or resume) into ``run_dir`` on ``task`` (default :func:`default_task`); return the before/after
+    evaluation."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())
-    train_prompts, eval_prompts = split_prompts(config)
-    eval_prompts = eval_prompts * config.eval_samples
-    env = make_env(config, train_prompts, config.num_envs, config.model, None, training=True)
-    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, training=False)
+    task = task or default_task(config)
+    eval_prompts = task.eval_prompts * config.eval_samples
+    env = make_env(config, task.train_prompts, config.num_envs, config.model, None, True, task.reward())
+    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, False, task.reward())
     if resume:
         if not (run_dir / "checkpoint.zip").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")
@@ -246,10 +269,10 @@ def write_report(run_dir: Path, state: dict) -> None:
     (run_dir / "samples.md").write_text("\n".join(lines))
 
 
-def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | None = None) -> dict:
     """:func:`run`, printing the before/after summary and the wall time."""
     started = time.perf_counter()
-    state = run(config, run_dir, resume)
+    state = run(config, run_dir, resume, task)
     for label in ("before", "after"):
         record = state[label]
         parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())

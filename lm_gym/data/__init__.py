@@ -3,6 +3,7 @@
 from lm_gym.data.feedback import (
     FeedbackExample,
     PreferencePair,
+    chat_prompt,
     default_feedback,
     load_feedback,
     load_preferences,
@@ -14,6 +15,6 @@ from lm_gym.data.records import DataError, DataReport, DataWarning, Records
 
 __all__ = [
     "DataError", "DataReport", "DataWarning", "FeedbackExample", "PreferencePair", "Prompt", "PromptSampler",
-    "Records", "default_feedback", "default_prompts", "load_feedback", "load_preferences", "load_prompts",
+    "Records", "chat_prompt", "default_feedback", "default_prompts", "load_feedback", "load_preferences", "load_prompts",
     "pairs_to_feedback", "prompt_text", "read_prompt_file", "transcript_to_messages",
 ]

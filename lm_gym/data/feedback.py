@@ -147,6 +147,13 @@ def transcript_to_messages(transcript: str) -> list[dict]:
     return messages
 
 
+def chat_prompt(prompt):
+    """An HH-RLHF transcript prompt (``"\\n\\nHuman: ..."``) as chat messages; any other prompt unchanged."""
+    if isinstance(prompt, str) and prompt.lstrip("\n").startswith("Human:"):
+        return transcript_to_messages("\n\n" + prompt.lstrip("\n"))
+    return prompt
+
+
 def default_feedback() -> Records:
     """The shipped feedback set: 360 rated responses (a good and a bad one) to 180 of the default prompts."""
     with resources.as_file(resources.files("lm_gym.data").joinpath("feedback.jsonl")) as path:

@@ -68,7 +68,7 @@ def read_rows(source: Any) -> tuple[str, Iterator[tuple[int, Any]]]:
             return str(path), _csv_rows(path)
         return str(path), _jsonl_rows(path)
     if hasattr(source, "column_names") or isinstance(source, (list, tuple)):
-        return type(source).__name__, ((index, row) for index, row in enumerate(source))
+        return type(source).__name__, ((index, row) for index, row in enumerate(source, start=1))
     raise TypeError(f"cannot read data from {source!r:.80}; expected a .jsonl/.jsonl.gz/.csv path, a list of dicts "
                     "or a datasets.Dataset")
 

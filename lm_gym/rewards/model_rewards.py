@@ -28,13 +28,14 @@ class RewardModelReward(Reward):
     :param batch_size: responses scored per forward.
     :param max_length: longest formatted exchange in tokens; longer ones keep their last tokens.
     :param device: where to run it; default CUDA when available.
+    :param stats: ``{"mean", "std"}`` of the rewards, with a loaded model (a directory brings its own).
     """
 
     name = "reward_model"
 
     def __init__(self, model, tokenizer=None, normalize: bool = False, batch_size: int = 16,
-                 max_length: int = 512, device=None):
-        self.stats = None
+                 max_length: int = 512, device=None, stats: dict | None = None):
+        self.stats = stats
         if isinstance(model, (str, os.PathLike)):
             directory = Path(model)
             if not (directory / "config.json").is_file():
@@ -42,7 +43,7 @@ class RewardModelReward(Reward):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
             model = AutoModelForSequenceClassification.from_pretrained(directory)
             stats_file = directory / REWARD_STATS_FILE
-            self.stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+            self.stats = json.loads(stats_file.read_text()) if stats_file.is_file() else stats
         if tokenizer is None:
             raise ValueError("RewardModelReward with a loaded model needs tokenizer=")
         if getattr(model.config, "num_labels", 1) != 1:
@@ -57,16 +58,27 @@ class RewardModelReward(Reward):
 
     @torch.no_grad()
     def __call__(self, prompts, responses, **context) -> torch.Tensor:
-        texts = [format_exchange(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
-        ids = [self.tokenizer(t, add_special_tokens=False).input_ids[-self.max_length :] for t in texts]
-        scores = []
-        for start in range(0, len(ids), self.batch_size):
-            batch, mask = pad_left(ids[start : start + self.batch_size], self.tokenizer.pad_token_id, self.model.device)
-            scores.append(self.model(input_ids=batch, attention_mask=mask).logits[:, 0].float())
-        scores = torch.cat(scores)
+        ids = exchange_ids(self.tokenizer, prompts, responses, self.max_length)
+        scores = torch.cat([
+            sequence_scores(self.model, ids[start : start + self.batch_size], self.tokenizer.pad_token_id).float()
+            for start in range(0, len(ids), self.batch_size)
+        ])
         if self.normalize:
             scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-8)
         return scores
+
+
+def exchange_ids(tokenizer, prompts, responses, max_length: int) -> list[list[int]]:
+    """Each (prompt, response) chat-formatted as the env formats it, tokenized; longer than ``max_length``
+    tokens, an exchange keeps its last ``max_length`` (the response's end and the prompt's latest turns)."""
+    texts = [format_exchange(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    return [tokenizer(text, add_special_tokens=False).input_ids[-max_length:] for text in texts]
+
+
+def sequence_scores(model, ids: list[list[int]], pad_token_id: int) -> torch.Tensor:
+    """(B,) scalar outputs of a one-label sequence classifier on left-padded sequences (with gradients if enabled)."""
+    batch, mask = pad_left(ids, pad_token_id, model.device)
+    return model(input_ids=batch, attention_mask=mask).logits[:, 0]
 
 
 class LMJudgeReward(Reward):
