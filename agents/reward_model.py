@@ -153,10 +153,9 @@ def train_reward_model(
     history, last_scores = [], []
     steps = epochs * math.ceil(len(pairs) / batch_size)
     bar = tqdm(total=steps, desc="reward model", disable=not progress)
+    lengths = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
     for epoch in range(epochs):
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_grouped_batches(lengths, batch_size, generator):
             record, scores = _step(model, optimizer, tokenizer, chosen, rejected, rows, margins, center_coef)
             history.append({"epoch": epoch, **record})
             if epoch == epochs - 1:
@@ -169,6 +168,18 @@ def train_reward_model(
     if eval_pairs is not None:
         result.evaluation = evaluate_reward_model(result, eval_pairs)
     return result
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of indices with similar lengths (little padding): a random order is cut into windows
+    of 16 batches, each window sorted by length and cut into batches, and the batches are shuffled."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = 16 * batch_size
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda index: lengths[index])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def _margins(margin, count: int) -> torch.Tensor:

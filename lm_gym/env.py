@@ -19,7 +19,21 @@ from lm_gym.rewards import as_reward, default_reward
 RESET_OPTIONS = {"prompt"}
 
 
-class LanguageModelEnv(gym.Env):
+class EpisodesOwner:
+    """The ``model`` and ``tokenizer`` of an env that steps its episodes through ``self.core``."""
+
+    @property
+    def tokenizer(self):
+        """The env's tokenizer."""
+        return self.core.tokenizer
+
+    @property
+    def model(self):
+        """The env's LM (also the reference model of ``ref_logprob``)."""
+        return self.core.batch.model
+
+
+class LanguageModelEnv(EpisodesOwner, gym.Env):
     """A causal language model as an RL environment: actions are tokens, observations the ids so far.
 
     Each episode starts from a prompt; every step appends the agent's token. The episode terminates on a
@@ -90,16 +104,6 @@ class LanguageModelEnv(gym.Env):
         self.observation_space = observation_space(self.core.vocab_size, self.core.obs_length)
         self.action_space = spaces.Discrete(self.core.vocab_size)
         self._episode_over: bool | None = None  # None: never reset
-
-    @property
-    def tokenizer(self):
-        """The env's tokenizer."""
-        return self.core.tokenizer
-
-    @property
-    def model(self):
-        """The env's LM (also the reference model of ``ref_logprob``)."""
-        return self.core.batch.model
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode: draw a prompt with ``self.np_random`` (or take ``options["prompt"]``)."""

@@ -12,12 +12,12 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from lm_gym.env import LanguageModelEnv, allowed_or_all, build_episodes, observation_space
+from lm_gym.env import EpisodesOwner, LanguageModelEnv, allowed_or_all, build_episodes, observation_space
 
 RESET_OPTIONS = {"prompt", "prompts", "reset_mask"}
 
 
-class LanguageModelVectorEnv(VectorEnv):
+class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
     """N language-model episodes on the device, one token per row per step, one forward per step.
 
     Takes the keywords of :class:`LanguageModelEnv` plus:
@@ -63,16 +63,6 @@ class LanguageModelVectorEnv(VectorEnv):
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
         self._needs_reset = np.ones(self.num_envs, dtype=bool)
         self._started = np.zeros(self.num_envs, dtype=bool)
-
-    @property
-    def tokenizer(self):
-        """The env's tokenizer."""
-        return self.core.tokenizer
-
-    @property
-    def model(self):
-        """The env's LM (also the reference model of ``ref_logprob``)."""
-        return self.core.batch.model
 
     # --- reset ---------------------------------------------------------------------------------------
 

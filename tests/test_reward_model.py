@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agents import LMPPO, RewardModel, evaluate_reward_model, train_reward_model
-from agents.reward_model import wilson_interval
+from agents.reward_model import length_grouped_batches, wilson_interval
 from lm_gym.data import PreferencePair
 from lm_gym.episodes import pad_left
 from lm_gym.rewards import RewardModelReward
@@ -115,3 +115,11 @@ def test_lmppo_critic_starts_from_the_reward_model(tmp_path, tiny):
         assert torch.allclose(values, expected, atol=1e-4)  # V(full exchange) = the standardised reward
     agent.save(tmp_path / "agent")
     assert (tmp_path / "agent.zip").stat().st_size < 5_000_000
+
+
+def test_length_grouped_batches_cover_every_pair_once_with_little_padding():
+    lengths = [int(x) for x in torch.randint(5, 500, (300,), generator=torch.Generator().manual_seed(1))]
+    batches = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0))
+    assert sorted(i for batch in batches for i in batch) == list(range(300))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.15 * sum(lengths)  # random batches of 8 would pad to about 1.6x
