@@ -42,12 +42,18 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Standardise the real entries of ``values`` (mean 0, std 1); padding stays 0."""
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Standardise the real entries of ``values`` (mean 0, std 1); padding stays 0.
+
+    Divides by sqrt(var + eps): a std floor of 0.01, far below that of advantages built from normalised
+    rewards. When a rollout holds no reward signal (every advantage ~0, as with a fresh zero value head and
+    no reward) rounding noise stays tiny instead of being blown up into unit-size random advantages,
+    which Adam would turn into full-size random steps.
+    """
     count = mask.sum()
     mean = (values * mask).sum() / count
     var = (((values - mean) * mask) ** 2).sum() / (count - 1).clamp(min=1)
-    return (values - mean) / (var.sqrt() + eps) * mask
+    return (values - mean) * torch.rsqrt(var + eps) * mask
 
 
 def adaptive_kl_coef(kl_coef: float, kl: float, kl_target: float, tokens: int, horizon: int) -> float:
