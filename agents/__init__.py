@@ -8,8 +8,9 @@ from agents.export import export_pretrained
 from agents.policy import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
 from agents.ppo import LMPPO
 from agents.reward_model import RewardModel, evaluate_reward_model, train_reward_model
+from agents.sft import sft
 
 __all__ = [
     "LMPPO", "MaskableTransformerActorCriticPolicy", "RewardModel", "SampleResponsesCallback",
-    "TransformerActorCriticPolicy", "evaluate_reward_model", "export_pretrained", "train_reward_model",
+    "TransformerActorCriticPolicy", "evaluate_reward_model", "export_pretrained", "sft", "train_reward_model",
 ]
