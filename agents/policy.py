@@ -152,17 +152,20 @@ class TransformerPolicyMixin:
     def _tokens(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
         return obs["input_ids"].long(), obs["attention_mask"].long()
 
-    def read_latest(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_latest(self, obs, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(action logits (B, V), values (B, 1)) at the latest position of each observation.
 
         Without gradients (rollouts) through the incremental KV cache; with gradients, a full forward.
+        ``values=False`` skips a separate critic's forward (values None), for callers that score it later.
         """
         ids, mask = self._tokens(obs)
         if torch.is_grad_enabled():
-            logits, values = self.read_positions(ids, mask, keep=1)
-            return logits[:, -1], values[:, -1:]
+            logits, value = self.read_positions(ids, mask, keep=1)
+            return logits[:, -1], value[:, -1:]
         logits, hidden = self.policy_lm.incremental(ids, mask)
         if self.value_lm is not None:
+            if not values:
+                return logits / self.temperature, None
             hidden = self.value_lm.incremental(ids, mask)[1]
         return logits / self.temperature, self.value_net_head(hidden)
 
@@ -179,10 +182,12 @@ class TransformerPolicyMixin:
             hidden = self.value_lm.full(ids, mask, keep)[1]
         return logits / self.temperature, self.value_net_head(hidden).squeeze(-1)
 
-    def final_values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """V (B,) at the last position of each sequence, in one full forward of the critic's backbone only."""
-        hidden = (self.value_lm or self.policy_lm).full(ids, mask, keep=1)[1]
-        return self.value_net_head(hidden)[:, -1, 0]
+    def final_values(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """V at the last ``keep`` positions of each sequence, (B,) for ``keep=1`` else (B, keep), in one full
+        forward of the critic's backbone only."""
+        hidden = (self.value_lm or self.policy_lm).full(ids, mask, keep=keep)[1]
+        values = self.value_net_head(hidden)[..., 0]
+        return values[:, -1] if keep == 1 else values
 
     def predict_values(self, obs) -> torch.Tensor:
         """V(s) for a batch of observations."""

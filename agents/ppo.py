@@ -27,6 +27,7 @@ from agents.policy import TransformerActorCriticPolicy
 from agents.ptx import PretrainingBatches
 from agents.segments import SegmentBatch, SegmentCollector
 from lm_gym.rewards.combine import RunningMeanStd
+from lm_gym.episodes import pad_left
 from lm_gym.rewards.lm_scoring import continuation_logprobs
 
 
@@ -83,6 +84,7 @@ class LMPPO(PPO):
         self.segments: list = []
         self.allowed: torch.Tensor | None = None
         self.reference_lm = None  # made on first need, see _fill_reference_logprobs
+        self._deferred_values = False
         self.ptx = None
         if self.ptx_coef:
             self.ptx = PretrainingBatches(self.ptx_texts, self.policy.tokenizer, self.ptx_block_tokens, self.ptx_batch_size)
@@ -114,10 +116,13 @@ class LMPPO(PPO):
         for row in range(env.num_envs):
             collector.begin(row, _context(obs, row))
         started, steps = time.perf_counter(), 0
+        self._deferred_values = self.policy.value_lm is not None  # a separate critic: one forward per episode
         callback.on_rollout_start()
         while steps < n_rollout_steps:
             with torch.no_grad():
-                logits, values = self.policy.read_latest(obs_to_tensors(obs, self.device))
+                logits, values = self.policy.read_latest(obs_to_tensors(obs, self.device),
+                                                         values=not self._deferred_values)
+                values = torch.full((len(logits), 1), float("nan")) if values is None else values
                 distribution = torch.distributions.Categorical(logits=_masked(logits, allowed))
                 actions = distribution.sample()
                 log_probs = distribution.log_prob(actions)
@@ -136,6 +141,8 @@ class LMPPO(PPO):
         self._last_obs = obs
         self.segments = collector.finished
         self.allowed = allowed
+        if self._deferred_values:
+            self._fill_values()
         self._fill_reference_logprobs()
         self.rollout_seconds = time.perf_counter() - started
         callback.update_locals(locals())
@@ -200,10 +207,28 @@ class LMPPO(PPO):
             actions = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
         return actions.cpu().numpy(), state
 
+    def _fill_values(self, chunk: int = 16) -> None:
+        """A separate critic's values for every state of every segment, and the bootstrap value after the last
+        token where the segment was truncated: one forward of the critic per segment, in batches of ``chunk``."""
+        pad = self.policy.tokenizer.pad_token_id
+        for start in range(0, len(self.segments), chunk):
+            segments = self.segments[start : start + chunk]
+            keep = max(len(s.tokens) for s in segments) + 1
+            ids, mask = pad_left([s.context + s.tokens for s in segments], pad, self.device)
+            with torch.no_grad():
+                values = self.policy.final_values(ids, mask, keep=keep).cpu()
+            for segment, row in zip(segments, values):
+                states = row[keep - len(segment.tokens) - 1 :].tolist()  # before each token, then after the last
+                segment.values = states[:-1]
+                segment.next_value = 0.0 if segment.terminated else states[-1]
+
     def _values_of(self, observations: list[dict]) -> list[float]:
-        """V(s) of single observations in one batched full forward (the rollout cache is left alone)."""
-        if not observations:
-            return []
+        """V(s) of single observations in one batched full forward (the rollout cache is left alone).
+
+        NaN placeholders when a separate critic's values are filled after the rollout (:meth:`_fill_values`).
+        """
+        if not observations or self._deferred_values:
+            return [float("nan")] * len(observations)
         ids, mask = (torch.as_tensor(np.stack([o[key] for o in observations]), device=self.device).long()
                      for key in ("input_ids", "attention_mask"))
         with torch.no_grad():

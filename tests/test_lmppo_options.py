@@ -173,3 +173,19 @@ def test_lmppo_scores_the_reference_itself_when_the_env_does_not(tiny):
     scored = [v for s in segments[0] for v in s.ref_logprobs]
     computed = [v for s in segments[1] for v in s.ref_logprobs]
     assert len(scored) == 5 * 3 and computed == pytest.approx(scored, abs=1e-4)
+
+
+def test_a_separate_critic_is_scored_once_per_episode_after_the_rollout(tiny):
+    agent = make_agent(make_env(*tiny), n_steps=7, policy_kwargs={"model": "tiny", "value_head": "separate"})
+    torch.nn.init.normal_(agent.policy.value_net_head.weight)  # a critic with something to say
+    agent._setup_learn(agent.n_steps * agent.n_envs, callback=None)
+    agent.collect_rollouts(agent.env, agent._init_callback(None), None, agent.n_steps)
+    assert any(s.terminated is False and s.ended for s in agent.segments)  # truncated: bootstrapped
+    assert any(not s.ended for s in agent.segments)  # cut by the rollout's end: bootstrapped too
+    for segment in agent.segments:
+        prefixes = [segment.context + segment.tokens[:j] for j in range(len(segment.tokens) + 1)]
+        with torch.no_grad():
+            expected = [float(agent.policy.final_values(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long)))
+                        for p in prefixes]
+        assert segment.values == pytest.approx(expected[:-1], abs=1e-4)
+        assert segment.next_value == (0.0 if segment.terminated else pytest.approx(expected[-1], abs=1e-4))
