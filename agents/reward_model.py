@@ -133,12 +133,14 @@ def train_reward_model(
 
     :param pairs: ``PreferencePair(prompt, chosen, rejected)`` (``lm_gym.data.load_preferences``).
     :param base: the backbone: ``"default"``, ``"tiny"``, a directory, a hub id, or a loaded causal LM.
+    :param tokenizer: with a loaded ``base`` whose tokenizer cannot be loaded from its ``name_or_path``.
     :param lora: None (train the weights) or LoRA settings (peft ``LoraConfig`` fields); merged on save.
     :param max_length: tokens per formatted exchange; longer ones keep their last tokens (counted, warned).
     :param margin: None, one margin for every pair, or one per pair: loss -log σ(r_c - r_r - margin).
     :param center_coef: weight of mean((r_c + r_r)²), which keeps rewards centred on 0.
     :param train_layers: train only the top N transformer blocks (plus final norm and head); None: all.
     :param eval_pairs: held-out pairs; the result's ``evaluation`` holds :func:`evaluate_reward_model`'s.
+    :param device: where to train; default CUDA when available. ``progress``: show a progress bar.
     :return: the :class:`RewardModel`, with the mean and std of its rewards on the last epoch's responses.
     """
     pairs = list(pairs)

@@ -22,8 +22,7 @@ from agents.export import export_pretrained
 from agents.reward_model import RewardModel, evaluate_reward_model, train_reward_model
 from agents.sft import sft
 from agents.train import Task, TrainConfig, timed_run
-from lm_gym.data import chat_prompt, load_preferences, pairs_to_feedback, prompt_text
-from lm_gym.data.feedback import FeedbackExample
+from lm_gym.data import FeedbackExample, chat_prompt, load_preferences, pairs_to_feedback, prompt_text
 from lm_gym.rewards import BlendedReward, FeedbackReward
 
 PRESETS = {

@@ -30,6 +30,7 @@ def sft(
     :param model: ``"default"``, ``"tiny"``, a directory, a hub id, or a loaded causal LM (trained in place).
     :param examples: ``(prompt, response)`` tuples, ``PreferencePair`` (its chosen response) or
         ``FeedbackExample`` (its response) objects.
+    :param tokenizer: with a loaded model whose tokenizer cannot be loaded from its ``name_or_path``.
     :param lora: None (train the weights) or LoRA settings; the returned model has the adapters merged.
     :param max_length: tokens per example; longer examples keep their first tokens (counted, warned).
     :return: the tuned model (eval mode), its tokenizer, and one ``{"epoch", "loss"}`` record per step.
