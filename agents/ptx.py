@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lm_gym.episodes import pad_right
+
 
 class PretrainingBatches:
     """Packed token blocks of ``texts``, served ``batch_size`` at a time.
@@ -41,14 +43,8 @@ class PretrainingBatches:
         """(input_ids, attention_mask, labels) of the next ``batch_size`` blocks; padding is labelled -100."""
         blocks = [self.blocks[(self.position + i) % len(self.blocks)] for i in range(self.batch_size)]
         self.position = (self.position + self.batch_size) % len(self.blocks)
-        width = max(len(block) for block in blocks)
-        ids = torch.full((len(blocks), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(blocks), width), dtype=torch.long)
-        for row, block in enumerate(blocks):
-            ids[row, : len(block)] = torch.as_tensor(block)
-            mask[row, : len(block)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        return ids.to(device), mask.to(device), labels.to(device)
+        ids, mask = pad_right(blocks, self.pad_token_id, device)
+        return ids, mask, ids.masked_fill(mask == 0, -100)
 
     def loss(self, lm) -> torch.Tensor:
         """Mean next-token cross-entropy of ``lm`` on the next batch."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lm_gym.episodes import pad_left, pad_right
+
 
 @dataclass
 class Segment:
@@ -87,26 +89,15 @@ class SegmentBatch:
     @classmethod
     def from_segments(cls, segments: list[Segment], pad_token_id: int, device) -> "SegmentBatch":
         """Pad ``segments`` into tensors on ``device``."""
-        width = max(len(s.context) + len(s.tokens) for s in segments)
-        steps = max(len(s.tokens) for s in segments)
-        ids = torch.full((len(segments), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(segments), width), dtype=torch.long)
+        ids, attention = pad_left([s.context + s.tokens for s in segments], pad_token_id, device)
+        tokens, mask = pad_right([s.tokens for s in segments], pad_token_id, device)
         names = ("logprobs", "values", "ref_logprobs", "scores", "scored")
-        per_token = {name: torch.zeros(len(segments), steps) for name in names}
-        tokens = torch.full((len(segments), steps), pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(segments), steps)
+        per_token = {name: torch.zeros(tokens.shape) for name in names}
         for row, segment in enumerate(segments):
-            sequence = segment.context + segment.tokens
-            ids[row, width - len(sequence) :] = torch.as_tensor(sequence)
-            attention[row, width - len(sequence) :] = 1
-            n = len(segment.tokens)
-            tokens[row, :n] = torch.as_tensor(segment.tokens)
-            mask[row, :n] = 1
             for name, table in per_token.items():
-                table[row, :n] = torch.as_tensor(getattr(segment, name), dtype=torch.float32)
-        next_values = torch.tensor([s.next_value for s in segments])
-        to = lambda t: t.to(device)  # noqa: E731
-        return cls(to(ids), to(attention), to(tokens), to(mask), *(to(per_token[k]) for k in per_token), to(next_values))
+                table[row, : len(segment.tokens)] = torch.as_tensor(getattr(segment, name), dtype=torch.float32)
+        next_values = torch.tensor([s.next_value for s in segments], device=device)
+        return cls(ids, attention, tokens, mask.float(), *(per_token[k].to(device) for k in names), next_values)
 
     def positions(self) -> torch.Tensor:
         """(S, T) column of the state before each token, among the last T + 1 columns of ``ids``."""

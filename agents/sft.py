@@ -19,6 +19,7 @@ from agents.policy import apply_lora
 from lm_gym.chat import encode_prompt, has_chat_template
 from lm_gym.data import chat_prompt
 from lm_gym.env import resolve_model
+from lm_gym.episodes import pad_right
 
 
 def sft(
@@ -90,17 +91,11 @@ def _encode(tokenizer, pairs, max_length: int) -> list[tuple[list[int], int]]:
 
 def _step(model, optimizer, batch: list[tuple[list[int], int]], pad_token_id: int) -> float:
     """One optimizer step of response-only next-token loss on right-padded sequences."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for row, (sequence, prompt_length) in enumerate(batch):
-        ids[row, : len(sequence)] = torch.as_tensor(sequence)
-        mask[row, : len(sequence)] = 1
-        labels[row, prompt_length : len(sequence)] = ids[row, prompt_length : len(sequence)]
-    device = model.device
-    loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
-                 use_cache=False).loss
+    ids, mask = pad_right([sequence for sequence, _ in batch], pad_token_id, model.device)
+    labels = ids.masked_fill(mask == 0, -100)
+    for row, (_, prompt_length) in enumerate(batch):
+        labels[row, :prompt_length] = -100
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

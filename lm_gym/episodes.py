@@ -39,6 +39,19 @@ def pad_left(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> t
     return ids.to(device), mask.to(device)
 
 
+def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``(ids, attention_mask)`` tensors on ``device`` (for label-shifted losses
+    and per-token tables, where position j of every row is its j-th token)."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of left-padded rows: 0 at each row's first real token (padding gets 0 too)."""
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
