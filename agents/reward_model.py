@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lm_gym.data import PreferencePair, chat_prompt
 from lm_gym.env import resolve_model
-from lm_gym.models import ensure_pad_token
 from lm_gym.rewards import RewardModelReward
-from lm_gym.rewards.model_rewards import REWARD_STATS_FILE, exchange_ids, sequence_scores
+from lm_gym.rewards.model_rewards import (
+    REWARD_STATS_FILE, exchange_ids, load_reward_model_dir, score_exchanges, sequence_scores,
+)
 
 
 @dataclass
@@ -46,9 +47,8 @@ class RewardModel:
     def score(self, prompts, responses, batch_size: int = 16) -> torch.Tensor:
         """Raw rewards (B,) of chat-formatted (prompt, response) pairs."""
         self.model.eval()
-        ids = exchange_ids(self.tokenizer, [chat_prompt(p) for p in prompts], responses, self.max_length)
-        return torch.cat([sequence_scores(self.model, ids[i : i + batch_size], self.tokenizer.pad_token_id).float()
-                          for i in range(0, len(ids), batch_size)]).cpu()
+        prompts = [chat_prompt(p) for p in prompts]
+        return score_exchanges(self.model, self.tokenizer, prompts, responses, self.max_length, batch_size).cpu()
 
     def save(self, directory: str | Path) -> Path:
         """Write a standard ``AutoModelForSequenceClassification`` directory plus ``reward_stats.json``."""
@@ -63,18 +63,11 @@ class RewardModel:
     @classmethod
     def load(cls, directory: str | Path, device=None) -> "RewardModel":
         """Read a directory written by :meth:`save`."""
-        directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"reward model directory {directory} has no config.json")
-        stats_file = directory / REWARD_STATS_FILE
-        if not stats_file.is_file():
+        model, tokenizer, stats = load_reward_model_dir(directory)
+        if stats is None:
             raise FileNotFoundError(f"{directory} has no {REWARD_STATS_FILE} (the reward mean and std); "
                                     "is it a directory written by RewardModel.save?")
-        stats = json.loads(stats_file.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        ensure_pad_token(tokenizer)
-        model = AutoModelForSequenceClassification.from_pretrained(directory).to(device or "cpu").eval()
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model = model.to(device or "cpu").eval()
         return cls(model, tokenizer, stats["mean"], stats["std"], stats.get("max_length", 512))
 
     def as_reward(self, normalize: bool = True) -> RewardModelReward:

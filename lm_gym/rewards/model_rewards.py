@@ -37,13 +37,8 @@ class RewardModelReward(Reward):
                  max_length: int = 512, device=None, stats: dict | None = None):
         self.stats = stats
         if isinstance(model, (str, os.PathLike)):
-            directory = Path(model)
-            if not (directory / "config.json").is_file():
-                raise FileNotFoundError(f"reward model directory {directory} has no config.json")
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
-            model = AutoModelForSequenceClassification.from_pretrained(directory)
-            stats_file = directory / REWARD_STATS_FILE
-            self.stats = json.loads(stats_file.read_text()) if stats_file.is_file() else stats
+            model, tokenizer, stored = load_reward_model_dir(model, tokenizer)
+            self.stats = stored or stats
         if tokenizer is None:
             raise ValueError("RewardModelReward with a loaded model needs tokenizer=")
         if getattr(model.config, "num_labels", 1) != 1:
@@ -58,14 +53,31 @@ class RewardModelReward(Reward):
 
     @torch.no_grad()
     def __call__(self, prompts, responses, **context) -> torch.Tensor:
-        ids = exchange_ids(self.tokenizer, prompts, responses, self.max_length)
-        scores = torch.cat([
-            sequence_scores(self.model, ids[start : start + self.batch_size], self.tokenizer.pad_token_id).float()
-            for start in range(0, len(ids), self.batch_size)
-        ])
+        scores = score_exchanges(self.model, self.tokenizer, prompts, responses, self.max_length, self.batch_size)
         if self.normalize:
             scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-8)
         return scores
+
+
+def load_reward_model_dir(directory: str | os.PathLike, tokenizer=None) -> tuple:
+    """``(model, tokenizer, stats)`` of a reward-model directory: the one-label classifier (pad token set),
+    its tokenizer (unless given) and the ``{"mean", "std", ...}`` of ``reward_stats.json`` (None without it)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"reward model directory {directory} has no config.json")
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+    ensure_pad_token(tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(directory)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    stats_file = directory / REWARD_STATS_FILE
+    return model, tokenizer, json.loads(stats_file.read_text()) if stats_file.is_file() else None
+
+
+def score_exchanges(model, tokenizer, prompts, responses, max_length: int, batch_size: int) -> torch.Tensor:
+    """(B,) float32 rewards of (prompt, response) pairs, chat-formatted and scored ``batch_size`` at a time."""
+    ids = exchange_ids(tokenizer, prompts, responses, max_length)
+    return torch.cat([sequence_scores(model, ids[start : start + batch_size], tokenizer.pad_token_id).float()
+                      for start in range(0, len(ids), batch_size)])
 
 
 def exchange_ids(tokenizer, prompts, responses, max_length: int) -> list[list[int]]:
