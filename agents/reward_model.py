@@ -82,16 +82,13 @@ def reward_model_from_lm(base="default", tokenizer=None, device=None, seed: int 
     :return: ``(model, tokenizer)``.
     """
     lm, tokenizer = resolve_model(base, tokenizer, device, None)
-    config = lm.config.__class__.from_dict(lm.config.to_dict())
-    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = _with_backbone_of(lm, AutoModelForSequenceClassification, num_labels=1,
+                                      pad_token_id=tokenizer.pad_token_id)
         except ValueError as err:
             raise ValueError(f"{type(lm).__name__} has no sequence-classification class for a reward head") from err
-    backbone = getattr(model, model.base_model_prefix)
-    backbone.load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
     model.config.name_or_path = getattr(lm, "name_or_path", "")
     return model.to(lm.device), tokenizer
 
@@ -106,14 +103,23 @@ def critic_from_reward_model(reward_model, device=None):
     """
     rm = reward_model if isinstance(reward_model, RewardModel) else RewardModel.load(reward_model, device)
     classifier = rm.model.merge_and_unload() if hasattr(rm.model, "merge_and_unload") else rm.model
-    config = classifier.config.__class__.from_dict(classifier.config.to_dict())
-    lm = AutoModelForCausalLM.from_config(config)
-    getattr(lm, lm.base_model_prefix).load_state_dict(getattr(classifier, classifier.base_model_prefix).state_dict())
+    lm = _with_backbone_of(classifier, AutoModelForCausalLM)
     lm.tie_weights()
     head = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1][-1]
     std = max(rm.std, 1e-8)
     bias = (head.bias.detach() if head.bias is not None else torch.zeros(1)) - rm.mean
     return lm.to(device or classifier.device).eval(), head.weight.detach() / std, bias / std
+
+
+def _with_backbone_of(source, auto_class, **config_changes):
+    """A new ``auto_class`` model of ``source``'s architecture (config copied, ``config_changes`` applied)
+    carrying ``source``'s transformer weights; its head is freshly initialised."""
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    model = auto_class.from_config(config)
+    getattr(model, model.base_model_prefix).load_state_dict(getattr(source, source.base_model_prefix).state_dict())
+    return model
 
 
 def train_reward_model(
