@@ -24,7 +24,7 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
     done = np.zeros(env.num_envs, dtype=bool)
     rewards, kl, infos = np.zeros(env.num_envs), np.zeros(env.num_envs), [None] * env.num_envs
     while not done.all():
-        logits, _ = agent.policy.read_latest(obs_to_tensors(obs, agent.device))
+        logits, _ = agent.policy.read_latest(obs_to_tensors(obs, agent.device), values=False)
         distribution = torch.distributions.Categorical(logits=logits)
         actions = distribution.sample()
         logprobs = distribution.log_prob(actions).cpu().numpy()

@@ -26,8 +26,8 @@ from agents.advantages import adaptive_kl_coef, gae, kl_shaped_rewards, masked_w
 from agents.policy import TransformerActorCriticPolicy
 from agents.ptx import PretrainingBatches
 from agents.segments import SegmentBatch, SegmentCollector
-from lm_gym.rewards.combine import RunningMeanStd
 from lm_gym.episodes import pad_left
+from lm_gym.rewards.combine import RunningMeanStd
 from lm_gym.rewards.lm_scoring import continuation_logprobs
 
 
@@ -37,7 +37,8 @@ class LMPPO(PPO):
     Takes SB3 ``PPO``'s keywords, with LM defaults, plus:
 
     :param kl_coef: β of the per-token KL penalty to the reference model: the env's ``ref_logprob`` when it
-        gives one, else the policy's LM with LoRA adapters disabled, or a frozen copy of the initial LM.
+        gives one, else the env's LM, else the policy's LM with LoRA adapters off, else a frozen copy of the
+        initial LM (see :meth:`_fill_reference_logprobs`).
     :param kl_target: if set, adapt β towards this mean KL per episode (proportional controller).
     :param kl_horizon: horizon (in tokens) of the adaptive controller.
     :param normalize_reward: standardise the env's rewards with running statistics before the KL term.
@@ -84,7 +85,6 @@ class LMPPO(PPO):
         self.segments: list = []
         self.allowed: torch.Tensor | None = None
         self.reference_lm = None  # made on first need, see _fill_reference_logprobs
-        self._deferred_values = False
         self.ptx = None
         if self.ptx_coef:
             self.ptx = PretrainingBatches(self.ptx_texts, self.policy.tokenizer, self.ptx_block_tokens, self.ptx_batch_size)
@@ -116,7 +116,6 @@ class LMPPO(PPO):
         for row in range(env.num_envs):
             collector.begin(row, _context(obs, row))
         started, steps = time.perf_counter(), 0
-        self._deferred_values = self.policy.value_lm is not None  # a separate critic: one forward per episode
         callback.on_rollout_start()
         while steps < n_rollout_steps:
             with torch.no_grad():
@@ -206,6 +205,11 @@ class LMPPO(PPO):
             logits = _masked(logits, torch.as_tensor(np.asarray(action_masks), device=self.device).bool())
             actions = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
         return actions.cpu().numpy(), state
+
+    @property
+    def _deferred_values(self) -> bool:
+        """A separate critic is scored after the rollout, one forward per episode (:meth:`_fill_values`)."""
+        return self.policy.value_lm is not None
 
     def _fill_values(self, chunk: int = 16) -> None:
         """A separate critic's values for every state of every segment, and the bootstrap value after the last

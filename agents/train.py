@@ -199,14 +199,14 @@ def _snapshot(agent: LMPPO) -> dict:
     return {"policy": copy.deepcopy(agent.policy.state_dict()),
             "optimizer": copy.deepcopy(agent.policy.optimizer.state_dict()),
             "num_timesteps": agent.num_timesteps, "reward_stats": copy.deepcopy(agent.reward_stats),
-            "kl_coef": agent.kl_coef}
+            "kl_coef": agent.kl_coef, "trained_rollouts": agent.trained_rollouts}
 
 
 def _restore(agent: LMPPO, snapshot: dict) -> None:
     agent.policy.load_state_dict(snapshot["policy"])
     agent.policy.optimizer.load_state_dict(snapshot["optimizer"])
-    agent.num_timesteps, agent.reward_stats, agent.kl_coef = (
-        snapshot["num_timesteps"], snapshot["reward_stats"], snapshot["kl_coef"])
+    agent.num_timesteps, agent.reward_stats, agent.kl_coef, agent.trained_rollouts = (
+        snapshot["num_timesteps"], snapshot["reward_stats"], snapshot["kl_coef"], snapshot["trained_rollouts"])
 
 
 def _save_state(run_dir: Path, agent: LMPPO, state: dict) -> None:
