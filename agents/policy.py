@@ -1,16 +1,12 @@
 """The Transformer as a stable-baselines3 actor-critic policy.
 
-The LM head gives the action logits (divided by ``temperature``, the same logits for sampling and for
-log-probs), a value head on the last hidden state gives V(s). Pretrained weights are kept (no orthogonal
-init); per-part learning rates survive SB3's learning-rate schedule; rollouts run one new token per env
-row through a KV cache (:class:`agents.cached_lm.CachedLM`).
+A thin SB3 shell around :class:`agents.actor_critic.TransformerActorCritic` (LM-head logits as actions, a
+value head for V(s)). Pretrained weights are kept (no orthogonal init); per-part learning rates survive
+SB3's learning-rate schedule; rollouts run one new token per env row through a KV cache.
 """
 
 from __future__ import annotations
 
-import copy
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,20 +15,7 @@ from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
-from agents.cached_lm import CachedLM
-from agents.reward_model import RewardModel, critic_from_reward_model
-from lm_gym.env import resolve_model
-from lm_gym.rewards.model_rewards import REWARD_STATS_FILE
-
-PARTS = ("body", "head", "value")
-
-
-def apply_lora(model, lora):
-    """Wrap ``model`` with LoRA adapters (``lora``: a peft ``LoraConfig`` or a dict of its fields)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
-    return get_peft_model(model, config)
+from agents.actor_critic import PARTS, TransformerActorCritic
 
 
 def scaled_lr(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
@@ -86,10 +69,6 @@ class TransformerPolicyMixin:
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # then SB3 calls _build
 
     def _setup_transformer(self, model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device):
-        if value_head not in ("shared", "separate"):
-            raise ValueError(f"value_head={value_head!r}; expected 'shared' or 'separate'")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         unknown = set(learning_rates or {}) - set(PARTS)
         if unknown:
             raise ValueError(f"learning_rates has unknown parts {sorted(unknown)}; expected among {PARTS}")
@@ -97,127 +76,74 @@ class TransformerPolicyMixin:
             model=model, tokenizer=tokenizer, value_head=value_head, value_model=value_model, lora=lora,
             temperature=temperature, learning_rates=learning_rates, device=device,
         )
-        self.temperature = temperature
-        lm, self.tokenizer = resolve_model(model, tokenizer, device, None)
-        lm = apply_lora(lm, lora) if lora else lm.requires_grad_(True)
-        backbone, value_init = None, None
-        if value_head == "separate":
-            backbone, value_init = _value_backbone(value_model, lm, device)
-            backbone.requires_grad_(True)
         # nn.Module forbids assigning submodules before its __init__; _build (called by SB3's __init__) does it.
-        self._networks = {"lm": lm, "value_backbone": backbone, "value_init": value_init}
-
-    def _build_networks(self) -> None:
-        networks = self.__dict__.pop("_networks")
-        self.lm, self.value_backbone = networks["lm"], networks["value_backbone"]
-        self.policy_lm = CachedLM(self.lm, self.tokenizer.pad_token_id)
-        self.value_lm = None if self.value_backbone is None else CachedLM(self.value_backbone, self.tokenizer.pad_token_id)
-        hidden = (self.value_backbone or self.lm).config.get_text_config().hidden_size
-        self.value_net_head = nn.Linear(hidden, 1).to(self.lm.device)
-        nn.init.zeros_(self.value_net_head.weight)  # V = 0 at the start: no random baseline in the first advantages
-        nn.init.zeros_(self.value_net_head.bias)
-        if networks["value_init"] is not None:  # a critic from a reward model
-            with torch.no_grad():
-                self.value_net_head.weight.copy_(networks["value_init"][0])
-                self.value_net_head.bias.copy_(networks["value_init"][1])
+        self._networks = {"actor_critic": TransformerActorCritic.from_pretrained(
+            model, tokenizer, value_head=value_head, value_model=value_model, lora=lora, temperature=temperature,
+            device=device,
+        )}
 
     def _build(self, lr_schedule) -> None:
-        """Build the networks, and the optimizer over LM body, LM head and value head with their own rates."""
-        self._build_networks()
+        """Take the networks, and build the optimizer over LM body, LM head and value head with their own rates."""
+        self.actor_critic = self.__dict__.pop("_networks")["actor_critic"]
         base = lr_schedule(1)
         rates = {part: (self.transformer_kwargs["learning_rates"] or {}).get(part, base) for part in PARTS}
         groups = [
             {"params": params, "lr": base, "lr_scale": rates[part] / base if base else 1.0, "name": part}
-            for part, params in self._parameter_groups().items() if params
+            for part, params in self.actor_critic.parameter_groups().items() if params
         ]
         kwargs = dict(self.optimizer_kwargs)
         if self.optimizer_class in (torch.optim.Adam, torch.optim.AdamW) and self.lm.device.type in ("cpu", "cuda"):
             kwargs.setdefault("fused", True)  # one kernel for all parameters: 3x faster steps on a 135M model
         self.optimizer = scaled_lr(self.optimizer_class)(groups, lr=base, **kwargs)
 
-    def _parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        head_ids = {id(p) for p in self.lm.get_output_embeddings().parameters()}
-        value = list(self.value_net_head.parameters())
-        if self.value_backbone is not None:
-            value += [p for p in self.value_backbone.parameters() if p.requires_grad]
-        trainable = [p for p in self.lm.parameters() if p.requires_grad]
-        return {
-            "body": [p for p in trainable if id(p) not in head_ids],
-            "head": [p for p in trainable if id(p) in head_ids],
-            "value": value,
-        }
+    # --- the parts and forward passes of the actor-critic ----------------------------------------------
 
-    # --- the forward passes ------------------------------------------------------------------------------
+    @property
+    def lm(self):
+        """The policy's causal LM."""
+        return self.actor_critic.lm
 
-    def _tokens(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
-        return obs["input_ids"].long(), obs["attention_mask"].long()
+    @property
+    def tokenizer(self):
+        """The policy LM's tokenizer."""
+        return self.actor_critic.tokenizer
+
+    @property
+    def temperature(self) -> float:
+        """π(a|s) = softmax(logits / temperature)."""
+        return self.actor_critic.temperature
+
+    @property
+    def value_net_head(self) -> nn.Linear:
+        """The linear value head."""
+        return self.actor_critic.value_net_head
+
+    @property
+    def value_lm(self):
+        """The separate critic's cached LM, or None with a shared value head."""
+        return self.actor_critic.value_lm
 
     def read_latest(self, obs, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(action logits (B, V), values (B, 1)) at the latest position of each observation.
+        """(action logits (B, V), values (B, 1)) at the latest position of a batch of dict observations; see
+        :meth:`agents.actor_critic.TransformerActorCritic.read_latest`."""
+        return self.actor_critic.read_latest(obs["input_ids"].long(), obs["attention_mask"].long(), values)
 
-        Without gradients (rollouts) through the incremental KV cache; with gradients, a full forward.
-        ``values=False`` skips a separate critic's forward (values None), for callers that score it later.
-        """
-        ids, mask = self._tokens(obs)
-        if torch.is_grad_enabled():
-            logits, value = self.read_positions(ids, mask, keep=1)
-            return logits[:, -1], value[:, -1:]
-        logits, hidden = self.policy_lm.incremental(ids, mask)
-        if self.value_lm is not None:
-            if not values:
-                return logits / self.temperature, None
-            hidden = self.value_lm.incremental(ids, mask)[1]
-        return logits / self.temperature, self.value_net_head(hidden)
-
-    def read_positions(
-        self, ids: torch.Tensor, mask: torch.Tensor, keep: int, actor: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(action logits (B, keep, V), values (B, keep)) at the last ``keep`` positions, in one forward.
-
-        With ``actor=False`` the policy LM runs without gradients (only the critic can learn).
-        """
-        with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
-            logits, hidden = self.policy_lm.full(ids, mask, keep)
-        if self.value_lm is not None:
-            hidden = self.value_lm.full(ids, mask, keep)[1]
-        return logits / self.temperature, self.value_net_head(hidden).squeeze(-1)
+    def read_positions(self, ids, mask, keep: int, actor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`agents.actor_critic.TransformerActorCritic.read_positions`."""
+        return self.actor_critic.read_positions(ids, mask, keep, actor)
 
     def final_values(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> torch.Tensor:
-        """V at the last ``keep`` positions of each sequence, (B,) for ``keep=1`` else (B, keep), in one full
-        forward of the critic's backbone only."""
-        hidden = (self.value_lm or self.policy_lm).full(ids, mask, keep=keep)[1]
-        values = self.value_net_head(hidden)[..., 0]
-        return values[:, -1] if keep == 1 else values
+        """See :meth:`agents.actor_critic.TransformerActorCritic.final_values`."""
+        return self.actor_critic.final_values(ids, mask, keep)
 
     def predict_values(self, obs) -> torch.Tensor:
         """V(s) for a batch of observations."""
         return self.read_latest(obs)[1]
 
-    def set_training_mode(self, mode: bool) -> None:
-        """Switch modes; dropout stays off in the LMs, and the rollout cache is dropped (weights change)."""
-        super().set_training_mode(mode)
-        self.lm.eval()
-        self.policy_lm.reset_cache()
-        if self.value_lm is not None:
-            self.value_backbone.eval()
-            self.value_lm.reset_cache()
-
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(self.transformer_kwargs)
         return data
-
-
-def _value_backbone(value_model, lm, device):
-    """(backbone, (head weight, head bias) or None) of a separate critic; see ``value_model``."""
-    if value_model is None:
-        return copy.deepcopy(lm), None
-    if isinstance(value_model, RewardModel) or (
-        isinstance(value_model, (str, os.PathLike)) and (Path(value_model) / REWARD_STATS_FILE).is_file()
-    ):
-        backbone, weight, bias = critic_from_reward_model(value_model, device)
-        return backbone, (weight, bias)
-    return resolve_model(value_model, None, device, None)[0], None
 
 
 class TransformerActorCriticPolicy(TransformerPolicyMixin, ActorCriticPolicy):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from agents.policy import apply_lora
+from agents.actor_critic import apply_lora
 from lm_gym.chat import encode_prompt, has_chat_template
 from lm_gym.data import chat_prompt
 from lm_gym.env import resolve_model
