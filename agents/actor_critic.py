@@ -68,6 +68,10 @@ class TransformerActorCritic(nn.Module):
             backbone.requires_grad_(True)
         return cls(lm, tokenizer, backbone, value_init, temperature)
 
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int, actor: bool = True):
+        """:meth:`read_positions` (the training forward, which ``DistributedDataParallel`` wraps)."""
+        return self.read_positions(ids, mask, keep, actor)
+
     def read_latest(self, ids: torch.Tensor, mask: torch.Tensor, values: bool = True):
         """(action logits (B, V), values (B, 1) or None) at the latest position of each observation.
 

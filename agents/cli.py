@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--device", default=None, help="e.g. 'cpu' or 'cuda'; default CUDA when available")
     rollout.set_defaults(handler=run_rollout)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except (lm_gym.ModelNotFoundError, ValueError, FileNotFoundError) as err:
@@ -51,6 +54,8 @@ def _add_train(commands) -> None:
     train.add_argument("--config", help="a TOML file of settings (flags override it)")
     train.add_argument("--run-dir", help="where to write the run (default runs/<date-time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="train data-parallel on this many processes of this machine (launches torchrun)")
     _add_config_flags(train, TrainConfig)
     train.set_defaults(handler=run_train)
 
@@ -92,18 +97,37 @@ def run_rlhf(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """``lm-gym train``: build the config from file and flags, then train into the run directory."""
+    from agents import distributed
     from agents.train import TrainConfig, timed_run
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args.nproc, args.argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if args.resume:
         run_dir = Path(args.resume)
         config = TrainConfig.from_toml(run_dir / "config.toml", **overrides)
     else:
-        run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        distributed.setup()  # to agree on rank 0's default run directory
+        run_dir = Path(distributed.broadcast(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"))
         base = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
         config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     timed_run(config, run_dir, resume=bool(args.resume))
     return 0
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this ``lm-gym`` command again under ``torchrun`` on ``nproc`` local processes; its exit status."""
+    rest, skip = [], False
+    for token in argv:
+        if skip or token == "--nproc" or token.startswith("--nproc="):
+            skip = token == "--nproc"
+            continue
+        rest.append(token)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "agents.cli", *rest]
+    return subprocess.call(command)
 
 
 def _add_generate(commands) -> None:

@@ -8,7 +8,10 @@ Same API as SB3's ``PPO`` (``learn``, ``save``, ``load``, ``predict``), same cli
 - the PPO-for-LM recipe: token-level KL penalty to the reference in the reward (r_t = -β·(log π - log π_ref),
   plus the env's sequence reward on the last token), GAE with γ = 1, λ = 0.95, value bootstrap on
   truncation only, masked advantage whitening, running reward normalisation with clipping, policy and
-  value clipping 0.2, global grad-norm clip 1.0, no entropy bonus, dropout off.
+  value clipping 0.2, global grad-norm clip 1.0, no entropy bonus, dropout off;
+- data-parallel under ``torch.distributed`` (launched with ``torchrun``): when a process group is running,
+  each rank steps its own env rows, gradients are averaged by ``DistributedDataParallel``, and the reward
+  normalisation, the KL controller and the logs use the statistics of all ranks (:mod:`agents.distributed`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import explained_variance
+from torch.nn.parallel import DistributedDataParallel
 
+from agents import distributed
 from agents.advantages import adaptive_kl_coef, gae, kl_shaped_rewards, masked_whiten
 from agents.policy import TransformerActorCriticPolicy
 from agents.ptx import PretrainingBatches
@@ -43,7 +48,8 @@ class LMPPO(PPO):
     :param kl_horizon: horizon (in tokens) of the adaptive controller.
     :param normalize_reward: standardise the env's rewards with running statistics before the KL term.
     :param reward_clip: clip normalised rewards to ±this value.
-    :param batch_size: tokens per minibatch (whole segments are kept together).
+    :param batch_size: tokens per minibatch (whole segments are kept together), over all ranks when
+        data-parallel.
     :param critic_warmup: rollouts at the start whose updates train only the critic (the actor is frozen),
         so that the first policy updates see advantages from a fitted value function.
     :param ptx_coef: weight of the pretraining loss (PPO-ptx) added to every update; needs ``ptx_texts``.
@@ -86,6 +92,10 @@ class LMPPO(PPO):
         self.allowed: torch.Tensor | None = None
         self.reference_lm = None  # made on first need, see _fill_reference_logprobs
         self.ptx = None
+        self.data_parallel = None
+        if distributed.active():  # DDP's constructor also gives every rank rank 0's weights
+            self.data_parallel = DistributedDataParallel(
+                self.policy.actor_critic, find_unused_parameters=True, broadcast_buffers=False)
         if self.ptx_coef:
             self.ptx = PretrainingBatches(self.ptx_texts, self.policy.tokenizer, self.ptx_block_tokens, self.ptx_batch_size)
 
@@ -103,7 +113,7 @@ class LMPPO(PPO):
             self.policy_kwargs = kwargs
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "segments", "reference_lm", "ptx"]
+        return [*super()._excluded_save_params(), "segments", "reference_lm", "ptx", "data_parallel"]
 
     # --- rollouts ------------------------------------------------------------------------------------
 
@@ -127,7 +137,7 @@ class LMPPO(PPO):
                 log_probs = distribution.log_prob(actions)
             actions = actions.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(actions)
-            self.num_timesteps += env.num_envs
+            self.num_timesteps += env.num_envs * distributed.world_size()  # env steps of all ranks
             callback.update_locals(locals())
             if not callback.on_step():
                 return False
@@ -264,27 +274,29 @@ class LMPPO(PPO):
         """Pad the segments, add the KL penalty to the (normalised) rewards, compute GAE advantages."""
         data = SegmentBatch.from_segments(self.segments, self.policy.tokenizer.pad_token_id, self.device)
         scores, scored = data.scores, data.scored.bool()
-        if self.normalize_reward and bool(scored.any()):
-            self.reward_stats.update(scores[scored].cpu())
+        scored_scores = distributed.gather(scores[scored])  # every rank's, for the same statistics everywhere
+        if self.normalize_reward and len(scored_scores):
+            self.reward_stats.update(scored_scores)
             normalised = self.reward_stats.normalise(scores).clamp(-self.reward_clip, self.reward_clip)
             scores = torch.where(scored, normalised, scores)
         rewards = kl_shaped_rewards(scores, data.logprobs, data.ref_logprobs, data.mask, self.kl_coef)
         data.advantages, data.returns = gae(rewards, data.values, data.mask, data.next_values, self.gamma, self.gae_lambda)
         return data
 
-    def _minibatches(self, mask: torch.Tensor):
-        """Shuffled groups of whole segments holding about ``batch_size`` tokens each."""
+    def _minibatches(self, mask: torch.Tensor) -> list[list[int]]:
+        """Shuffled groups of whole segments holding about ``batch_size`` tokens each (over all ranks).
+
+        Data-parallel, every rank takes the same number of groups (DDP needs one backward per rank per step):
+        the most any rank needs, but no more than the fewest segments any rank has.
+        """
         order = torch.randperm(mask.shape[0]).tolist()
         tokens = mask.sum(dim=1).tolist()
-        group, count = [], 0
-        for row in order:
-            group.append(row)
-            count += tokens[row]
-            if count >= self.batch_size:
-                yield group
-                group, count = [], 0
-        if group:
-            yield group
+        groups = token_groups(order, tokens, self.batch_size / distributed.world_size())
+        if not distributed.active():
+            return groups
+        counts = distributed.gather(torch.tensor([len(groups), len(order)]))
+        count = min(int(counts[0::2].max()), int(counts[1::2].min()))
+        return [part.tolist() for part in np.array_split(np.array(order), count)]
 
     def _update(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf, actor: bool):
         loss, stats = self.segment_loss(data, rows, clip_range, clip_range_vf, actor)
@@ -309,7 +321,8 @@ class LMPPO(PPO):
         steps = int(mask.sum(dim=1).max())
         trim = lambda t: t[index][:, :steps]  # noqa: E731
         ids, attention = _trim_left(ids, attention)
-        logits, values = self.policy.read_positions(ids, attention, keep=steps + 1, actor=actor)
+        actor_critic = self.data_parallel or self.policy.actor_critic  # DDP averages the gradients across ranks
+        logits, values = actor_critic(ids, attention, keep=steps + 1, actor=actor)
         sub = SegmentBatch(ids, attention, trim(data.tokens), mask[:, :steps], trim(data.logprobs), trim(data.values),
                            trim(data.ref_logprobs), trim(data.scores), trim(data.scored), data.next_values[index])
         columns = sub.positions()
@@ -341,30 +354,34 @@ class LMPPO(PPO):
         return loss, stats
 
     def _log(self, data: SegmentBatch, logs: dict[str, list[float]], train_seconds: float) -> None:
-        for key, values in logs.items():
-            self.logger.record(f"train/{key}", float(np.mean(values)))
+        """Record the update's statistics (over all ranks when data-parallel) and adapt the KL coefficient."""
+        means = distributed.gather(torch.tensor([float(np.mean(v)) for v in logs.values()], dtype=torch.float64))
+        for key, value in zip(logs, means.reshape(distributed.world_size(), -1).mean(dim=0).tolist()):
+            self.logger.record(f"train/{key}", value)
         valid = data.mask.bool()
-        kl = ((data.logprobs - data.ref_logprobs) * data.mask).sum(dim=1)
-        episodes = [s for s in self.segments if s.ended]
-        scores = [sum(s.scores) for s in episodes]
-        tokens = int(data.mask.sum())
-        self.logger.record("train/explained_variance",
-                           explained_variance(data.values[valid].cpu().numpy(), data.returns[valid].cpu().numpy()))
+        kl = distributed.gather(((data.logprobs - data.ref_logprobs) * data.mask).sum(dim=1))
+        lengths = distributed.gather(data.mask.sum(dim=1).float())
+        episodes = distributed.gather_objects(
+            [(sum(s.scores), s.terminated, s.reward_components) for s in self.segments if s.ended])
+        values, returns = (distributed.gather(t[valid]).numpy() for t in (data.values, data.returns))
+        self.logger.record("train/explained_variance", explained_variance(values, returns))
         self.logger.record("train/kl_coef", self.kl_coef)
         self.logger.record("rollout/kl_per_segment", float(kl.mean()))
-        self.logger.record("rollout/response_length", float(data.mask.sum(dim=1).mean()))
-        self.logger.record("rollout/eos_rate", float(np.mean([s.terminated for s in episodes])) if episodes else 0.0)
-        if scores:
+        self.logger.record("rollout/response_length", float(lengths.mean()))
+        self.logger.record("rollout/eos_rate", float(np.mean([e[1] for e in episodes])) if episodes else 0.0)
+        if episodes:
+            scores = [e[0] for e in episodes]
             self.logger.record("rollout/reward_mean", float(np.mean(scores)))
             self.logger.record("rollout/reward_std", float(np.std(scores)))
-            for name in episodes[-1].reward_components:
-                parts = [s.reward_components[name] for s in episodes if name in s.reward_components]
+            for name in episodes[-1][2]:
+                parts = [e[2][name] for e in episodes if name in e[2]]
                 self.logger.record(f"rollout/reward_{name}", float(np.mean(parts)))
+        tokens = int(lengths.sum())
         self.logger.record("time/rollout_tokens_per_s", tokens / max(self.rollout_seconds, 1e-9))
         self.logger.record("time/train_tokens_per_s", tokens * self.n_epochs / max(train_seconds, 1e-9))
         if self.kl_target is not None:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, float(kl.mean()), self.kl_target, tokens, self.kl_horizon)
-        self._watch(float(kl.mean()), float(data.mask.sum(dim=1).mean()))
+        self._watch(float(kl.mean()), float(lengths.mean()))
 
     def _watch(self, kl: float, length: float) -> None:
         """Warn when KL or response length runs away (reward hacking and collapse show there first)."""
@@ -375,6 +392,18 @@ class LMPPO(PPO):
         if not 0.5 <= length / self.initial_length <= 2.0:
             warnings.warn(f"mean response length moved from {self.initial_length:.1f} to {length:.1f} tokens: "
                           "check the samples for collapse", RuntimeWarning, stacklevel=2)
+
+
+def token_groups(order: list[int], tokens: list[int], budget: float) -> list[list[int]]:
+    """Consecutive groups of the rows in ``order``, each closed once it holds ``budget`` tokens."""
+    groups, group, count = [], [], 0
+    for row in order:
+        group.append(row)
+        count += tokens[row]
+        if count >= budget:
+            groups.append(group)
+            group, count = [], 0
+    return groups + [group] if group else groups
 
 
 def _env_lm(env):

@@ -5,6 +5,9 @@ The run directory holds ``config.toml``, TensorBoard logs (``tb/``), ``metrics.c
 ``state.json``) and the exported HF model (``model/``). Training goes in iterations (one rollout and its
 PPO epochs); each iteration reseeds from (seed, iteration) and starts fresh episodes, so an interrupted
 run (Ctrl-C saves the state at the start of the interrupted iteration) resumes to the same final weights.
+
+Under ``torchrun`` (or ``lm-gym train --nproc K``) the run is data-parallel: each of the K ranks steps
+``num_envs / K`` env rows with its own seeds, and rank 0 alone evaluates, logs, checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from stable_baselines3.common.logger import Logger
 from tqdm import tqdm
 
 try:
@@ -27,6 +31,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from agents import distributed
 from agents.evaluation import evaluate
 from agents.export import export_pretrained
 from agents.ppo import LMPPO
@@ -145,13 +150,18 @@ def policy_kwargs(config: TrainConfig, env: SB3VecEnv) -> dict:
 
 def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | None = None) -> dict:
     """Train (or resume) into ``run_dir`` on ``task`` (default :func:`default_task`); return the before/after
-    evaluation."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config.to_toml())
+    evaluation (on rank 0; other ranks of a data-parallel run return the iteration count only)."""
+    distributed.setup()
+    ranks, main = distributed.world_size(), distributed.is_main()
+    if config.num_envs % ranks:
+        raise ValueError(f"num_envs={config.num_envs} does not split evenly over {ranks} ranks")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config.to_toml())
     task = task or default_task(config)
     eval_prompts = task.eval_prompts * config.eval_samples
-    env = make_env(config, task.train_prompts, config.num_envs, config.model, None, True, task.reward())
-    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, False, task.reward())
+    env = make_env(config, task.train_prompts, config.num_envs // ranks, config.model, None, True, task.reward())
+    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, False, task.reward()) if main else None
     if resume:
         if not (run_dir / "checkpoint.zip").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")
@@ -160,38 +170,48 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
         state = json.loads((run_dir / "state.json").read_text())
     else:
         agent = make_agent(config, env)
-        state = {"iteration": 0, "before": evaluate(agent, eval_env, eval_prompts, config.seed)}
-    agent.set_logger(_logger(run_dir))
+        state = {"iteration": 0, "before": evaluate(agent, eval_env, eval_prompts, config.seed) if main else None}
+    agent.set_logger(_logger(run_dir) if main else Logger(None, []))
     progress = tqdm(range(state["iteration"], config.iterations), initial=state["iteration"], total=config.iterations,
-                    desc="lm-gym train", disable=None)
+                    desc="lm-gym train", disable=None if main else True)
     for iteration in progress:
-        snapshot = _snapshot(agent)
+        snapshot = _snapshot(agent) if main else None
         try:
-            _train_iteration(agent, env, config, iteration)
+            train_iteration(agent, env, config, iteration)
         except KeyboardInterrupt:
-            _restore(agent, snapshot)
-            _save_state(run_dir, agent, {**state, "iteration": iteration})
-            print(f"\ninterrupted: state saved at iteration {iteration}; resume with lm-gym train --resume {run_dir}",
-                  file=sys.stderr)
+            if main:
+                _restore(agent, snapshot)
+                _save_state(run_dir, agent, {**state, "iteration": iteration})
+                print(f"\ninterrupted: state saved at iteration {iteration}; resume with lm-gym train --resume {run_dir}",
+                      file=sys.stderr)
             raise
-        _append_metrics(run_dir, iteration, agent)
+        if main:
+            _append_metrics(run_dir, iteration, agent)
         values = agent.logger.name_to_value
         progress.set_postfix(reward=f"{values.get('rollout/reward_mean', float('nan')):.3f}",
                              kl=f"{values.get('rollout/kl_per_segment', float('nan')):.3f}")
         agent.logger.dump(step=agent.num_timesteps)
-    state = {**state, "iteration": config.iterations, "after": evaluate(agent, eval_env, eval_prompts, config.seed)}
-    _save_state(run_dir, agent, state)
-    export_pretrained(agent, run_dir / "model")
-    write_report(run_dir, state)
+    state = {**state, "iteration": config.iterations}
+    if main:
+        state["after"] = evaluate(agent, eval_env, eval_prompts, config.seed)
+        _save_state(run_dir, agent, state)
+        export_pretrained(agent, run_dir / "model")
+        write_report(run_dir, state)
+    distributed.barrier()  # every rank ends once rank 0 has written the run
     return state
 
 
-def _train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int) -> None:
-    """One rollout + PPO epochs, reseeded from (seed, iteration) with fresh episodes."""
-    torch.manual_seed(config.seed * 100_003 + iteration)
-    env.seed(config.seed * 100_003 + iteration * env.num_envs)
+def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int) -> None:
+    """One rollout + PPO epochs, reseeded from (seed, iteration) with fresh episodes.
+
+    Data-parallel, rank r's rows take the env seeds that rows r·n ... of a single process with all
+    ``config.num_envs`` rows would take, and its own sampling seed.
+    """
+    rank = distributed.rank()
+    torch.manual_seed(config.seed * 100_003 + iteration + rank * 1_000_003)
+    env.seed(config.seed * 100_003 + iteration * config.num_envs + rank * env.num_envs)
     agent._last_obs = env.reset()
-    agent.learn(total_timesteps=config.max_new_tokens * env.num_envs, reset_num_timesteps=False,
+    agent.learn(total_timesteps=config.max_new_tokens * config.num_envs, reset_num_timesteps=False,
                 tb_log_name="lmppo")
 
 
@@ -273,6 +293,8 @@ def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Ta
     """:func:`run`, printing the before/after summary and the wall time."""
     started = time.perf_counter()
     state = run(config, run_dir, resume, task)
+    if not distributed.is_main():
+        return state
     for label in ("before", "after"):
         record = state[label]
         parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())

@@ -39,7 +39,7 @@ def test_run_directory_holds_every_artefact(tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     run(TrainConfig(**TINY), tmp_path / "straight")
-    original = training._train_iteration
+    original = training.train_iteration
 
     def interrupt_at_second(agent, env, config, iteration):
         if iteration == 1:
@@ -47,10 +47,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         original(agent, env, config, iteration)
 
-    monkeypatch.setattr(training, "_train_iteration", interrupt_at_second)
+    monkeypatch.setattr(training, "train_iteration", interrupt_at_second)
     with pytest.raises(KeyboardInterrupt):
         run(TrainConfig(**TINY), tmp_path / "interrupted")
-    monkeypatch.setattr(training, "_train_iteration", original)
+    monkeypatch.setattr(training, "train_iteration", original)
     run(TrainConfig(**TINY), tmp_path / "interrupted", resume=True)
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)

@@ -1,0 +1,38 @@
+"""Run by tests/test_distributed.py, under torchrun or alone: two LMPPO updates on the tiny model.
+
+Writes ``OUT/rank{r}.pt`` with the flat parameters before and after, and the env steps counted after each
+update, so the test can compare ranks with each other and with a single process.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from agents import distributed
+from agents.train import TrainConfig, default_task, make_agent, make_env, train_iteration
+
+
+def flat_parameters(agent) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in agent.policy.parameters()])
+
+
+def main(out: Path, num_envs: int) -> None:
+    distributed.setup()
+    config = TrainConfig(model="tiny", num_envs=num_envs, iterations=2, max_new_tokens=4, max_prompt_tokens=48,
+                         eval_prompts=4, learning_rate=1e-3, batch_size=16, critic_warmup=0)
+    task = default_task(config)
+    env = make_env(config, task.train_prompts, num_envs // distributed.world_size(), config.model, None, True,
+                   task.reward())
+    agent = make_agent(config, env)
+    start, timesteps = flat_parameters(agent), []
+    for iteration in range(config.iterations):
+        train_iteration(agent, env, config, iteration)
+        timesteps.append(agent.num_timesteps)
+    record = {"start": start, "end": flat_parameters(agent), "timesteps": timesteps,
+              "reward_count": agent.reward_stats.count}
+    torch.save(record, out / f"rank{distributed.rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
