@@ -52,8 +52,7 @@ def rollout_seconds(agent, cached: bool) -> tuple[float, float]:
 
 @torch.no_grad()
 def _full_read(policy, obs):
-    ids, mask = policy._tokens(obs)
-    logits, values = policy.read_positions(ids, mask, keep=1)
+    logits, values = policy.read_positions(obs["input_ids"].long(), obs["attention_mask"].long(), keep=1)
     return logits[:, -1], values[:, -1:]
 
 
