@@ -94,8 +94,8 @@ class LMPPO(PPO):
         self.ptx = None
         self.data_parallel = None
         if distributed.active():  # DDP's constructor also gives every rank rank 0's weights
-            self.data_parallel = DistributedDataParallel(
-                self.policy.actor_critic, find_unused_parameters=True, broadcast_buffers=False)
+            self.data_parallel = DistributedDataParallel(  # the actor is idle during critic warm-up
+                self.policy.actor_critic, find_unused_parameters=self.critic_warmup > 0, forward_sync_buffers=False)
         if self.ptx_coef:
             self.ptx = PretrainingBatches(self.ptx_texts, self.policy.tokenizer, self.ptx_block_tokens, self.ptx_batch_size)
 
