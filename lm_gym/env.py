@@ -167,7 +167,7 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
         """Free the LM and its cache (device memory); safe to call twice."""
         if getattr(self, "core", None) is not None:
             self.core = None
-            if torch.cuda.is_available():
+            if torch.cuda is not None and torch.cuda.is_available():  # None during interpreter shutdown
                 torch.cuda.empty_cache()
 
 

@@ -198,7 +198,7 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
     def close_extras(self, **kwargs) -> None:
         """Free the LM and its cache."""
         self.core = None
-        if torch.cuda.is_available():
+        if torch.cuda is not None and torch.cuda.is_available():  # None during interpreter shutdown
             torch.cuda.empty_cache()
 
 
