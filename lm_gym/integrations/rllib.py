@@ -49,6 +49,7 @@ from ray.tune.registry import register_env as tune_register_env
 
 from agents.actor_critic import PARTS, TransformerActorCritic
 from lm_gym.env import LanguageModelEnv
+from lm_gym.integrations._common import masked_logits
 from lm_gym.vector_env import LanguageModelVectorEnv
 
 ENV_NAME = "LanguageModelEnv-v0"
@@ -133,13 +134,6 @@ def split_observation(obs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     return obs["input_ids"], obs["attention_mask"], action_mask
 
 
-def apply_action_mask(logits: torch.Tensor, action_mask: torch.Tensor | None) -> torch.Tensor:
-    """``logits`` with disallowed tokens at the dtype's lowest finite value (zero probability, finite entropy)."""
-    if action_mask is None:
-        return logits
-    return logits.masked_fill(~action_mask.to(logits.device).bool(), torch.finfo(logits.dtype).min)
-
-
 class TransformerRLModule(TorchRLModule, ValueFunctionAPI):
     """An RLlib RLModule around one :class:`TransformerActorCritic`.
 
@@ -188,13 +182,13 @@ class TransformerRLModule(TorchRLModule, ValueFunctionAPI):
         """Action logits at the latest token, through the KV cache (called without gradients)."""
         ids, mask, action_mask = self._tokens(batch[Columns.OBS])
         logits, _ = self.actor_critic.read_latest(ids, mask, values=False)
-        return {Columns.ACTION_DIST_INPUTS: apply_action_mask(logits, action_mask)}
+        return {Columns.ACTION_DIST_INPUTS: masked_logits(logits, action_mask)}
 
     def _forward_train(self, batch, **kwargs):
         """Action logits and the critic's hidden state (``embeddings``), in one full forward with gradients."""
         ids, mask, action_mask = self._tokens(batch[Columns.OBS])
         logits, hidden = self.actor_critic.read_hidden(ids, mask)
-        return {Columns.ACTION_DIST_INPUTS: apply_action_mask(logits, action_mask), Columns.EMBEDDINGS: hidden}
+        return {Columns.ACTION_DIST_INPUTS: masked_logits(logits, action_mask), Columns.EMBEDDINGS: hidden}
 
     def compute_values(self, batch, embeddings=None) -> torch.Tensor:
         """V(s) (B,): the value head on ``embeddings`` when given (the loss); else a forward of the critic
