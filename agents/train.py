@@ -161,7 +161,9 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
     task = task or default_task(config)
     eval_prompts = task.eval_prompts * config.eval_samples
     env = make_env(config, task.train_prompts, config.num_envs // ranks, config.model, None, True, task.reward())
-    eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, False, task.reward()) if main else None
+    eval_env = None
+    if main:  # rank 0 alone evaluates
+        eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, False, task.reward())
     if resume:
         if not (run_dir / "checkpoint.zip").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")

@@ -47,8 +47,8 @@ def worker(args: argparse.Namespace) -> None:
         seconds.append(time.perf_counter() - started)
     if distributed.is_main():
         steps = args.envs * args.response_tokens
-        record = {"ranks": distributed.world_size(), "threads": args.threads, "seconds": seconds[1:], "steps_per_iteration": steps,
-                  "machine": describe_machine()}
+        record = {"ranks": distributed.world_size(), "threads": args.threads, "seconds": seconds[1:],
+                  "steps_per_iteration": steps, "machine": describe_machine()}
         Path(args.out).write_text(json.dumps(record))
 
 
