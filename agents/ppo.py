@@ -94,8 +94,7 @@ class LMPPO(PPO):
         self.ptx = None
         self.data_parallel = None
         if distributed.active():  # DDP's constructor also gives every rank rank 0's weights
-            self.data_parallel = DistributedDataParallel(  # the actor is idle during critic warm-up
-                self.policy.actor_critic, find_unused_parameters=self.critic_warmup > 0, forward_sync_buffers=False)
+            self._wrap_data_parallel(actor=self.critic_warmup == 0)
         if self.ptx_coef:
             self.ptx = PretrainingBatches(self.ptx_texts, self.policy.tokenizer, self.ptx_block_tokens, self.ptx_batch_size)
 
@@ -258,6 +257,8 @@ class LMPPO(PPO):
         clip_range_vf = self.clip_range_vf(self._current_progress_remaining) if self.clip_range_vf else None
         data = self._prepare_batch()
         actor = self.trained_rollouts >= self.critic_warmup
+        if self.data_parallel is not None and self.data_parallel.find_unused_parameters == actor:
+            self._wrap_data_parallel(actor)  # the actor's parameters join (or leave) the gradients
         logs: dict[str, list[float]] = {}
         started = time.perf_counter()
         for _ in range(self.n_epochs):
@@ -269,6 +270,13 @@ class LMPPO(PPO):
         self.trained_rollouts += 1
         self.logger.record("train/actor_frozen", int(not actor))
         self._log(data, logs, time.perf_counter() - started)
+
+    def _wrap_data_parallel(self, actor: bool) -> None:
+        """Wrap the actor-critic in DDP; while the actor is frozen (critic warm-up) its parameters get no
+        gradient, which DDP must be told of (and is best not told of otherwise: it costs a graph traversal)."""
+        self.data_parallel = None  # the old wrapper's gradient hooks go with it
+        self.data_parallel = DistributedDataParallel(
+            self.policy.actor_critic, find_unused_parameters=not actor, forward_sync_buffers=False)
 
     def _prepare_batch(self) -> SegmentBatch:
         """Pad the segments, add the KL penalty to the (normalised) rewards, compute GAE advantages."""

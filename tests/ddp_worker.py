@@ -1,7 +1,8 @@
-"""Run by tests/test_distributed.py, under torchrun or alone: two LMPPO updates on the tiny model.
+"""Run by tests/test_distributed.py, under torchrun or alone: three LMPPO updates on the tiny model, the
+first a critic warm-up (the actor frozen), so DDP is rewrapped once the actor joins.
 
-Writes ``OUT/rank{r}.pt`` with the flat parameters before and after, and the env steps counted after each
-update, so the test can compare ranks with each other and with a single process.
+Writes ``OUT/rank{r}.pt`` with the flat parameters (all, and the LM's) before and after, and the env steps
+counted after each update, so the test can compare ranks with each other and with a single process.
 """
 
 import sys
@@ -13,23 +14,24 @@ from agents import distributed
 from agents.train import TrainConfig, default_task, make_agent, make_env, train_iteration
 
 
-def flat_parameters(agent) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).clone() for p in agent.policy.parameters()])
+def flat_parameters(module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
 
 
 def main(out: Path, num_envs: int) -> None:
     distributed.setup()
-    config = TrainConfig(model="tiny", num_envs=num_envs, iterations=2, max_new_tokens=4, max_prompt_tokens=48,
-                         eval_prompts=4, learning_rate=1e-3, batch_size=16, critic_warmup=0)
+    config = TrainConfig(model="tiny", num_envs=num_envs, iterations=3, max_new_tokens=4, max_prompt_tokens=48,
+                         eval_prompts=4, learning_rate=1e-3, batch_size=16, critic_warmup=1)
     task = default_task(config)
     env = make_env(config, task.train_prompts, num_envs // distributed.world_size(), config.model, None, True,
                    task.reward())
     agent = make_agent(config, env)
-    start, timesteps = flat_parameters(agent), []
+    start, lm_start, timesteps = flat_parameters(agent.policy), flat_parameters(agent.policy.lm), []
     for iteration in range(config.iterations):
         train_iteration(agent, env, config, iteration)
         timesteps.append(agent.num_timesteps)
-    record = {"start": start, "end": flat_parameters(agent), "timesteps": timesteps,
+    lm_changed = not torch.equal(lm_start, flat_parameters(agent.policy.lm))
+    record = {"start": start, "end": flat_parameters(agent.policy), "lm_changed": lm_changed, "timesteps": timesteps,
               "reward_count": agent.reward_stats.count}
     torch.save(record, out / f"rank{distributed.rank()}.pt")
 

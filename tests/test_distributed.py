@@ -32,14 +32,14 @@ def test_ranks_start_equal_train_and_stay_identical(two_ranks):
     first, second = two_ranks
     assert torch.equal(first["start"], second["start"])
     assert torch.equal(first["end"], second["end"])  # averaged gradients: the same update on every rank
-    assert not torch.equal(first["start"], first["end"])
+    assert not torch.equal(first["start"], first["end"]) and first["lm_changed"]
     assert first["reward_count"] == second["reward_count"]  # reward normalisation saw every rank's episodes
 
 
 def test_two_ranks_take_as_many_samples_per_update_as_one_rank_with_twice_the_envs(two_ranks, tmp_path):
     ddp_worker.main(tmp_path, 4)  # one process with all 4 rows
     single = torch.load(tmp_path / "rank0.pt")
-    assert single["timesteps"] == two_ranks[0]["timesteps"] == two_ranks[1]["timesteps"] == [16, 32]
+    assert single["timesteps"] == two_ranks[0]["timesteps"] == two_ranks[1]["timesteps"] == [16, 32, 48]
 
 
 def test_cli_nproc_trains_on_rank_zero_files_and_resumes(tmp_path):
