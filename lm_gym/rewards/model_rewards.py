@@ -74,10 +74,16 @@ def load_reward_model_dir(directory: str | os.PathLike, tokenizer=None) -> tuple
 
 
 def score_exchanges(model, tokenizer, prompts, responses, max_length: int, batch_size: int) -> torch.Tensor:
-    """(B,) float32 rewards of (prompt, response) pairs, chat-formatted and scored ``batch_size`` at a time."""
+    """(B,) float32 rewards of (prompt, response) pairs, chat-formatted and scored ``batch_size`` at a time,
+    in order of length (batches of similar lengths carry little padding); no gradients."""
     ids = exchange_ids(tokenizer, prompts, responses, max_length)
-    return torch.cat([sequence_scores(model, ids[start : start + batch_size], tokenizer.pad_token_id).float()
-                      for start in range(0, len(ids), batch_size)])
+    order = sorted(range(len(ids)), key=lambda row: len(ids[row]))
+    scores = torch.empty(len(ids))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        with torch.no_grad():
+            scores[rows] = sequence_scores(model, [ids[row] for row in rows], tokenizer.pad_token_id).float().cpu()
+    return scores
 
 
 def exchange_ids(tokenizer, prompts, responses, max_length: int) -> list[list[int]]:
