@@ -4,6 +4,7 @@ import gzip
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 
 from lm_gym.data import (
@@ -35,7 +36,6 @@ def test_jsonl_csv_and_dataset_with_custom_columns(tmp_path):
     csv_path = tmp_path / "f.csv"
     csv_path.write_text("q,a,score\nHi?,Hello!,1\nHi?,Go away.,-0.5\n")
     assert load_feedback(csv_path, **columns) == expected
-    datasets = pytest.importorskip("datasets", reason="datasets is in the dev extra")
     assert load_feedback(datasets.Dataset.from_list(rows), **columns) == expected
     gz = tmp_path / "f.jsonl.gz"
     gz.write_bytes(gzip.compress((tmp_path / "f.jsonl").read_bytes()))

@@ -5,11 +5,8 @@ import os
 
 import numpy as np
 import pytest
+import ray
 import torch
-
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.rllib")
-
 from ray.rllib.core.columns import Columns
 
 from agents.actor_critic import TransformerActorCritic
