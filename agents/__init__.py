@@ -3,6 +3,7 @@
 The agents build on :mod:`lm_gym`; :mod:`lm_gym` never imports them.
 """
 
+from agents.actor_critic import TransformerActorCritic
 from agents.callbacks import SampleResponsesCallback
 from agents.export import export_pretrained
 from agents.policy import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
@@ -12,5 +13,5 @@ from agents.sft import sft
 
 __all__ = [
     "LMPPO", "MaskableTransformerActorCriticPolicy", "RewardModel", "SampleResponsesCallback",
-    "TransformerActorCriticPolicy", "evaluate_reward_model", "export_pretrained", "sft", "train_reward_model",
+    "TransformerActorCritic", "TransformerActorCriticPolicy", "evaluate_reward_model", "export_pretrained", "sft", "train_reward_model",
 ]
