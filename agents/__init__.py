@@ -1,6 +1,7 @@
 """lm-gym agents: the Transformer as the RL policy.
 
-The agents build on :mod:`lm_gym`; :mod:`lm_gym` never imports them.
+The agents build on :mod:`lm_gym`; the env side of :mod:`lm_gym` never imports them (only the optional RL
+library adapters in :mod:`lm_gym.integrations` build on :class:`TransformerActorCritic`).
 """
 
 from agents.actor_critic import TransformerActorCritic
@@ -13,5 +14,6 @@ from agents.sft import sft
 
 __all__ = [
     "LMPPO", "MaskableTransformerActorCriticPolicy", "RewardModel", "SampleResponsesCallback",
-    "TransformerActorCritic", "TransformerActorCriticPolicy", "evaluate_reward_model", "export_pretrained", "sft", "train_reward_model",
+    "TransformerActorCritic", "TransformerActorCriticPolicy", "evaluate_reward_model", "export_pretrained", "sft",
+    "train_reward_model",
 ]
