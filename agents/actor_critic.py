@@ -93,22 +93,26 @@ class TransformerActorCritic(nn.Module):
 
         With ``actor=False`` the policy LM runs without gradients (only the critic can learn).
         """
-        with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
-            logits, hidden = self.policy_lm.full(ids, mask, keep)
-        if self.value_lm is not None:
-            hidden = self.value_lm.full(ids, mask, keep)[1]
-        return logits / self.temperature, self.value_net_head(hidden).squeeze(-1)
+        logits, hidden = self._logits_and_hidden(ids, mask, keep, actor)
+        return logits, self.values_of(hidden)
 
     def read_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(action logits (B, V), the critic's last hidden state (B, H)) at the latest position, one forward
         per backbone; :meth:`values_of` turns the hidden state into V(s) without another forward."""
-        logits, hidden = self.policy_lm.full(ids, mask, keep=1)
+        logits, hidden = self._logits_and_hidden(ids, mask, keep=1)
+        return logits[:, -1], hidden[:, -1]
+
+    def _logits_and_hidden(self, ids, mask, keep: int, actor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits / temperature (B, keep, V), the critic's hidden states (B, keep, H)): one full forward of
+        each backbone."""
+        with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
+            logits, hidden = self.policy_lm.full(ids, mask, keep)
         if self.value_lm is not None:
-            hidden = self.value_lm.full(ids, mask, keep=1)[1]
-        return logits[:, -1] / self.temperature, hidden[:, -1]
+            hidden = self.value_lm.full(ids, mask, keep)[1]
+        return logits / self.temperature, hidden
 
     def values_of(self, hidden: torch.Tensor) -> torch.Tensor:
-        """V(s) (B,) from the critic's hidden states (B, H)."""
+        """V(s) (...) from the critic's hidden states (..., H)."""
         return self.value_net_head(hidden)[..., 0]
 
     def final_values(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> torch.Tensor:
