@@ -56,6 +56,12 @@ def with_token_mask(space: spaces.Dict, key: str, vocab_size: int) -> spaces.Dic
     return spaces.Dict({**space.spaces, key: spaces.Box(0, 1, shape=(vocab_size,), dtype=np.bool_)})
 
 
+def token_batch(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), int64 (B, L) on ``device``, from token observations (arrays or tensors) of any batch shape."""
+    ids, mask = (torch.as_tensor(x, device=device) for x in (input_ids, attention_mask))
+    return ids.reshape(-1, ids.shape[-1]).long(), mask.reshape(-1, mask.shape[-1]).long()
+
+
 def masked_logits(logits: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """``logits`` with the disallowed tokens (``token_mask`` False) at the dtype's lowest value (π = 0 there).
 

@@ -49,7 +49,7 @@ from ray.tune.registry import register_env as tune_register_env
 
 from agents.actor_critic import PARTS, TransformerActorCritic
 from lm_gym.env import LanguageModelEnv
-from lm_gym.integrations._common import masked_logits
+from lm_gym.integrations._common import masked_logits, token_batch
 from lm_gym.vector_env import LanguageModelVectorEnv
 
 ENV_NAME = "LanguageModelEnv-v0"
@@ -175,8 +175,7 @@ class TransformerRLModule(TorchRLModule, ValueFunctionAPI):
 
     def _tokens(self, obs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         ids, mask, action_mask = split_observation(obs)
-        device = self.actor_critic.lm.device
-        return ids.to(device), mask.to(device), action_mask
+        return *token_batch(ids, mask, self.actor_critic.lm.device), action_mask
 
     def _forward(self, batch, **kwargs):
         """Action logits at the latest token, through the KV cache (called without gradients)."""

@@ -34,7 +34,7 @@ from tianshou.utils.net.common import ActionReprNet
 from torch import nn
 
 from lm_gym.env import LanguageModelEnv, resolve_model
-from lm_gym.integrations._common import NumericInfos, TokenMaskObservation, masked_logits
+from lm_gym.integrations._common import NumericInfos, TokenMaskObservation, masked_logits, token_batch
 
 if TYPE_CHECKING:
     from agents.actor_critic import TransformerActorCritic
@@ -131,7 +131,7 @@ class TokenActor(ActionReprNet):
 
     def forward(self, obs, state=None, info=None) -> tuple[torch.Tensor, Any]:
         """(logits (B, V), ``state`` unchanged)."""
-        ids, mask = observation_tensors(obs, self.actor_critic.lm.device)
+        ids, mask = token_batch(obs.input_ids, obs.attention_mask, self.actor_critic.lm.device)
         if self.training and torch.is_grad_enabled():
             logits, hidden = self.actor_critic.read_hidden(ids, mask)
             self._last_hidden = (obs, hidden) if self.shares_hidden else None
@@ -168,7 +168,7 @@ class TokenCritic(nn.Module):
         hidden = self.actor.pop_hidden(obs) if torch.is_grad_enabled() else None
         if hidden is not None:
             return actor_critic.values_of(hidden)
-        return actor_critic.final_values(*observation_tensors(obs, actor_critic.lm.device))
+        return actor_critic.final_values(*token_batch(obs.input_ids, obs.attention_mask, actor_critic.lm.device))
 
 
 def make_tianshou_ppo(actor_critic: "TransformerActorCritic", action_space: gym.spaces.Discrete, *, lr: float = 1e-5,
@@ -187,12 +187,6 @@ def make_tianshou_ppo(actor_critic: "TransformerActorCritic", action_space: gym.
     policy = DiscreteActorPolicy(actor=actor, action_space=action_space, deterministic_eval=deterministic_eval)
     settings = {**PPO_DEFAULTS, **ppo_kwargs}
     return PPO(policy=policy, critic=TokenCritic(actor), optim=AdamOptimizerFactory(lr=lr), **settings)
-
-
-def observation_tensors(obs, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), int64 (B, L) on ``device``, from a Tianshou observation batch."""
-    return (torch.as_tensor(obs.input_ids, device=device).long(),
-            torch.as_tensor(obs.attention_mask, device=device).long())
 
 
 def token_mask(obs) -> torch.Tensor | None:

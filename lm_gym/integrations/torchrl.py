@@ -39,6 +39,7 @@ from lm_gym.integrations._common import (
     NumericInfos,
     TokenMaskObservation,
     masked_logits,
+    token_batch,
     with_token_mask,
 )
 from lm_gym.vector_env import LanguageModelVectorEnv, _autoreset_mode
@@ -272,7 +273,7 @@ class LatestTokenLogits(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 action_mask: torch.Tensor | None = None) -> torch.Tensor:
-        ids, mask = flat_observations(self.actor_critic, input_ids, attention_mask)
+        ids, mask = token_batch(input_ids, attention_mask, self.actor_critic.lm.device)
         logits, _ = self.actor_critic.read_latest(ids, mask, values=False)
         return masked_logits(logits.reshape(*input_ids.shape[:-1], -1), action_mask)
 
@@ -288,14 +289,6 @@ class StateValue(nn.Module):
         self.actor_critic = actor_critic
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        ids, mask = flat_observations(self.actor_critic, input_ids, attention_mask)
+        ids, mask = token_batch(input_ids, attention_mask, self.actor_critic.lm.device)
         return self.actor_critic.final_values(ids, mask).reshape(*input_ids.shape[:-1], 1)
 
-
-def flat_observations(actor_critic: "TransformerActorCritic", input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), int64 (B, L) on the LM's device, from observations of batch shape (...)."""
-    device = actor_critic.lm.device
-    length = input_ids.shape[-1]
-    return (input_ids.reshape(-1, length).to(device, torch.long),
-            attention_mask.reshape(-1, length).to(device, torch.long))
