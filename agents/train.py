@@ -127,6 +127,15 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
     )
 
 
+def make_rank_env(config: TrainConfig, task: Task) -> SB3VecEnv:
+    """This rank's training env: ``num_envs / K`` of the rows when K ranks train data-parallel (all of them in
+    one process), on the task's training prompts and reward."""
+    ranks = distributed.world_size()
+    if config.num_envs % ranks:
+        raise ValueError(f"num_envs={config.num_envs} does not split evenly over {ranks} ranks")
+    return make_env(config, task.train_prompts, config.num_envs // ranks, config.model, None, True, task.reward())
+
+
 def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
     """LMPPO with the run's settings; the policy starts from the same model as the env (the reference)."""
     return LMPPO(
@@ -152,15 +161,13 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
     """Train (or resume) into ``run_dir`` on ``task`` (default :func:`default_task`); return the before/after
     evaluation (on rank 0; other ranks of a data-parallel run return the iteration count only)."""
     distributed.setup()
-    ranks, main = distributed.world_size(), distributed.is_main()
-    if config.num_envs % ranks:
-        raise ValueError(f"num_envs={config.num_envs} does not split evenly over {ranks} ranks")
+    main = distributed.is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config.to_toml())
     task = task or default_task(config)
     eval_prompts = task.eval_prompts * config.eval_samples
-    env = make_env(config, task.train_prompts, config.num_envs // ranks, config.model, None, True, task.reward())
+    env = make_rank_env(config, task)
     eval_env = None
     if main:  # rank 0 alone evaluates
         eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, False, task.reward())

@@ -29,15 +29,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from agents import distributed
-    from agents.train import TrainConfig, default_task, make_agent, make_env, train_iteration
+    from agents.train import TrainConfig, default_task, make_agent, make_rank_env, train_iteration
 
     distributed.setup()
     torch.set_num_threads(args.threads)
     config = TrainConfig(model=args.model, num_envs=args.envs, max_new_tokens=args.response_tokens,
                          batch_size=args.envs * args.response_tokens, critic_warmup=0)
-    task = default_task(config)
-    env = make_env(config, task.train_prompts, args.envs // distributed.world_size(), config.model, None, True,
-                   task.reward())
+    env = make_rank_env(config, default_task(config))
     agent = make_agent(config, env)
     seconds = []
     for iteration in range(args.iterations + 1):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from agents import distributed
-from agents.train import TrainConfig, default_task, make_agent, make_env, train_iteration
+from agents.train import TrainConfig, default_task, make_agent, make_rank_env, train_iteration
 
 
 def flat_parameters(module) -> torch.Tensor:
@@ -22,9 +22,7 @@ def main(out: Path, num_envs: int) -> None:
     distributed.setup()
     config = TrainConfig(model="tiny", num_envs=num_envs, iterations=3, max_new_tokens=4, max_prompt_tokens=48,
                          eval_prompts=4, learning_rate=1e-3, batch_size=16, critic_warmup=1)
-    task = default_task(config)
-    env = make_env(config, task.train_prompts, num_envs // distributed.world_size(), config.model, None, True,
-                   task.reward())
+    env = make_rank_env(config, default_task(config))
     agent = make_agent(config, env)
     start, lm_start, timesteps = flat_parameters(agent.policy), flat_parameters(agent.policy.lm), []
     for iteration in range(config.iterations):
