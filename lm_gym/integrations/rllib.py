@@ -75,9 +75,10 @@ class ActionMaskObservation(gym.ObservationWrapper):
     def __init__(self, env: gym.Env):
         super().__init__(env)
         self.observation_space = mask_space(env.observation_space, env.action_space.n)
+        self.action_mask = env.unwrapped.action_masks().astype(np.int8)  # fixed for the env's life
 
     def observation(self, observation):
-        return {MASK_KEY: self.unwrapped.action_masks().astype(np.int8), OBS_KEY: observation}
+        return {MASK_KEY: self.action_mask.copy(), OBS_KEY: observation}
 
 
 class VectorActionMaskObservation(gym.vector.VectorObservationWrapper):
@@ -90,9 +91,10 @@ class VectorActionMaskObservation(gym.vector.VectorObservationWrapper):
         super().__init__(env)
         self.single_observation_space = mask_space(env.single_observation_space, env.single_action_space.n)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, env.num_envs)
+        self.action_masks = env.unwrapped.action_masks().astype(np.int8)  # fixed for the env's life
 
     def observations(self, observations):
-        return {MASK_KEY: self.env.unwrapped.action_masks().astype(np.int8), OBS_KEY: observations}
+        return {MASK_KEY: self.action_masks.copy(), OBS_KEY: observations}
 
 
 def make_env(env_config: dict) -> gym.Env:
