@@ -1,7 +1,7 @@
 """lm-gym agents: the Transformer as the RL policy.
 
-The agents build on :mod:`lm_gym`; the env side of :mod:`lm_gym` never imports them (only the optional RL
-library adapters in :mod:`lm_gym.integrations` build on :class:`TransformerActorCritic`).
+The agents build on :mod:`lm_gym`; nothing in :mod:`lm_gym` imports them. The optional RL library adapters
+in :mod:`agents.integrations` build on :class:`TransformerActorCritic`.
 """
 
 from agents.actor_critic import TransformerActorCritic

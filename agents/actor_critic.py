@@ -9,16 +9,12 @@ shells around one :class:`TransformerActorCritic`.
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from agents.cached_lm import CachedLM
-from agents.reward_model import RewardModel, critic_from_reward_model
-from lm_gym.env import resolve_model
-from lm_gym.rewards.model_rewards import REWARD_STATS_FILE
+from lm_gym.models import resolve_model
 
 PARTS = ("body", "head", "value")
 
@@ -54,17 +50,22 @@ class TransformerActorCritic(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model="default", tokenizer=None, *, value_head: str = "shared", value_model=None, lora=None,
-        temperature: float = 1.0, device=None,
+        cls, model="default", tokenizer=None, *, value_head: str = "shared", value_model=None, value_init=None,
+        lora=None, temperature: float = 1.0, device=None,
     ) -> "TransformerActorCritic":
-        """Load (or take) the LM and build the actor-critic; the keywords are the SB3 policy's (see there)."""
+        """Load (or take) the LM and build the actor-critic; the keywords are the SB3 policy's (see there).
+
+        ``value_model`` is the separate critic's causal LM (a name, path or loaded model; default a copy of the
+        policy LM) and ``value_init`` the value head's starting ``(weight, bias)``;
+        :func:`agents.reward_model.critic_start` turns a reward model into both.
+        """
         if value_head not in ("shared", "separate"):
             raise ValueError(f"value_head={value_head!r}; expected 'shared' or 'separate'")
         lm, tokenizer = resolve_model(model, tokenizer, device, None)
         lm = apply_lora(lm, lora) if lora else lm.requires_grad_(True)
-        backbone, value_init = None, None
+        backbone = None
         if value_head == "separate":
-            backbone, value_init = _value_backbone(value_model, lm, device)
+            backbone = copy.deepcopy(lm) if value_model is None else resolve_model(value_model, None, device, None)[0]
             backbone.requires_grad_(True)
         return cls(lm, tokenizer, backbone, value_init, temperature)
 
@@ -157,15 +158,3 @@ def apply_lora(model, lora):
 
     config = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
     return get_peft_model(model, config)
-
-
-def _value_backbone(value_model, lm, device):
-    """(backbone, (head weight, head bias) or None) of a separate critic; see the SB3 policy's ``value_model``."""
-    if value_model is None:
-        return copy.deepcopy(lm), None
-    if isinstance(value_model, RewardModel) or (
-        isinstance(value_model, (str, os.PathLike)) and (Path(value_model) / REWARD_STATS_FILE).is_file()
-    ):
-        backbone, weight, bias = critic_from_reward_model(value_model, device)
-        return backbone, (weight, bias)
-    return resolve_model(value_model, None, device, None)[0], None

@@ -64,3 +64,21 @@ def adaptive_kl_coef(kl_coef: float, kl: float, kl_target: float, tokens: int, h
     """
     error = min(max(kl / kl_target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * tokens / horizon)
+
+
+class KLController:
+    """β of the per-token KL penalty: fixed, or moved towards ``target`` once per rollout (:meth:`update`).
+
+    :param coef: the starting β.
+    :param target: the mean KL per episode to aim for; ``None`` keeps β fixed.
+    :param horizon: horizon (in tokens) of the adaptive controller (:func:`adaptive_kl_coef`).
+    """
+
+    def __init__(self, coef: float, target: float | None = None, horizon: int = 10_000):
+        self.coef, self.target, self.horizon = float(coef), target, horizon
+
+    def update(self, kl: float, tokens: int) -> float:
+        """Adapt β to a rollout's mean KL per episode over its ``tokens`` tokens (no-op without a target)."""
+        if self.target is not None:
+            self.coef = adaptive_kl_coef(self.coef, kl, self.target, tokens, self.horizon)
+        return self.coef

@@ -1,7 +1,7 @@
 """A causal LM read at the latest position of left-padded observations, with a rollout KV cache.
 
 During rollouts (no gradients) each env row usually sees its previous observation plus one token; then
-only that token goes through the model, using an :class:`lm_gym.episodes.EpisodeBatch` per policy. Any
+only that token goes through the model, using an :class:`lm_gym.episode_batch.EpisodeBatch` per policy. Any
 other observation (a new episode, a different batch) falls back to a full forward of that row. With
 gradients (training) every call is a full forward over the whole observation.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from lm_gym.episodes import EpisodeBatch, mask_positions
+from lm_gym.episode_batch import EpisodeBatch
+from lm_gym.padding import mask_positions
 
 
 class CachedLM:

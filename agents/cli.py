@@ -146,7 +146,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--temperature must be > 0")
     env = lm_gym.LanguageModelEnv(model=args.model, max_new_tokens=args.max_new_tokens, reward=_no_reward,
                                   truncate_prompt="left")
-    generator = torch.Generator(device=env.core.device).manual_seed(args.seed)
+    generator = torch.Generator(device=env.episodes.device).manual_seed(args.seed)
     env.reset(seed=args.seed, options={"prompt": args.prompt})
     done = False
     while not done:
@@ -193,7 +193,7 @@ def run_rollout(args: argparse.Namespace) -> int:
         raise ValueError("--episodes must be >= 1 and --temperature > 0")
     env = gym.make(lm_gym.ENV_ID, model=args.model, max_new_tokens=args.max_new_tokens, device=args.device)
     base = env.unwrapped
-    generator = torch.Generator(device=base.core.device).manual_seed(args.seed)
+    generator = torch.Generator(device=base.episodes.device).manual_seed(args.seed)
     env.action_space.seed(args.seed)
     total_tokens, started = 0, time.perf_counter()
     for episode in range(args.episodes):

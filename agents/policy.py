@@ -16,6 +16,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
 from agents.actor_critic import PARTS, TransformerActorCritic
+from agents.reward_model import critic_start
 
 
 def scaled_lr(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
@@ -77,9 +78,10 @@ class TransformerPolicyMixin:
             temperature=temperature, learning_rates=learning_rates, device=device,
         )
         # nn.Module forbids assigning submodules before its __init__; _build (called by SB3's __init__) does it.
+        value_model, value_init = critic_start(value_model, device)
         self._networks = {"actor_critic": TransformerActorCritic.from_pretrained(
-            model, tokenizer, value_head=value_head, value_model=value_model, lora=lora, temperature=temperature,
-            device=device,
+            model, tokenizer, value_head=value_head, value_model=value_model, value_init=value_init, lora=lora,
+            temperature=temperature, device=device,
         )}
 
     def _build(self, lr_schedule) -> None:

@@ -17,6 +17,7 @@ Same API as SB3's ``PPO`` (``learn``, ``save``, ``load``, ``predict``), same cli
 from __future__ import annotations
 
 import copy
+import random
 import time
 import warnings
 
@@ -27,13 +28,14 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn.parallel import DistributedDataParallel
 
 from agents import distributed
-from agents.advantages import adaptive_kl_coef, gae, kl_shaped_rewards, masked_whiten
+from agents.advantages import KLController, gae, kl_shaped_rewards, masked_whiten
 from agents.policy import TransformerActorCriticPolicy
 from agents.ptx import PretrainingBatches
 from agents.segments import SegmentBatch, SegmentCollector
-from lm_gym.episodes import pad_left
+from lm_gym.padding import pad_left, trim_left
 from lm_gym.rewards.combine import RunningMeanStd
-from lm_gym.rewards.lm_scoring import continuation_logprobs
+from lm_gym.sampling import mask_logits
+from lm_gym.reference import ReferenceModel
 
 
 class LMPPO(PPO):
@@ -41,9 +43,10 @@ class LMPPO(PPO):
 
     Takes SB3 ``PPO``'s keywords, with LM defaults, plus:
 
-    :param kl_coef: β of the per-token KL penalty to the reference model: the env's ``ref_logprob`` when it
-        gives one, else the env's LM, else the policy's LM with LoRA adapters off, else a frozen copy of the
-        initial LM (see :meth:`_fill_reference_logprobs`).
+    :param kl_coef: β of the per-token KL penalty to the reference model (:attr:`reference`, made once): the
+        env's reference (``env.reference``) when it has one, else the policy's LM with its LoRA adapters off,
+        else a frozen copy of the initial LM. Tokens come scored by the env (``info["ref_logprob"]``) or, when
+        it made them with ``reference_logprobs=False``, are scored by the reference once per episode.
     :param kl_target: if set, adapt β towards this mean KL per episode (proportional controller).
     :param kl_horizon: horizon (in tokens) of the adaptive controller.
     :param normalize_reward: standardise the env's rewards with running statistics before the KL term.
@@ -70,7 +73,7 @@ class LMPPO(PPO):
     ):
         if ptx_coef and not ptx_texts:
             raise ValueError(f"ptx_coef={ptx_coef} needs ptx_texts (the text of the pretraining loss)")
-        self.kl_coef, self.kl_target, self.kl_horizon = kl_coef, kl_target, kl_horizon
+        self.kl_controller = KLController(kl_coef, kl_target, kl_horizon)
         self.watchdog_kl, self.initial_length = watchdog_kl, None
         self.normalize_reward, self.reward_clip = normalize_reward, reward_clip
         self.reward_stats = RunningMeanStd()
@@ -90,7 +93,7 @@ class LMPPO(PPO):
         self.rollout_buffer = None  # replaced by segments: nothing is stored per padded observation
         self.segments: list = []
         self.allowed: torch.Tensor | None = None
-        self.reference_lm = None  # made on first need, see _fill_reference_logprobs
+        self.reference = self._make_reference()
         self.ptx = None
         self.data_parallel = None
         if distributed.active():  # DDP's constructor also gives every rank rank 0's weights
@@ -112,7 +115,37 @@ class LMPPO(PPO):
             self.policy_kwargs = kwargs
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "segments", "reference_lm", "ptx", "data_parallel"]
+        return [*super()._excluded_save_params(), "segments", "reference", "ptx", "data_parallel"]
+
+    @property
+    def kl_coef(self) -> float:
+        """The current β of the per-token KL penalty (:attr:`kl_controller` owns it)."""
+        return self.kl_controller.coef
+
+    def training_state(self) -> dict:
+        """A copy of everything an exact resume needs: the policy's weights and optimizer, the step and update
+        counters, the reward statistics, the KL controller, the critic warm-up count and the RNG states."""
+        return copy.deepcopy({
+            "policy": self.policy.state_dict(), "optimizer": self.policy.optimizer.state_dict(),
+            "num_timesteps": self.num_timesteps, "n_updates": self._n_updates, "reward_stats": self.reward_stats,
+            "kl_controller": self.kl_controller, "trained_rollouts": self.trained_rollouts,
+            "initial_length": self.initial_length, "rng": rng_states(),
+        })
+
+    def load_training_state(self, state: dict) -> None:
+        """Return to a :meth:`training_state` (the rollout caches are dropped with the old weights)."""
+        state = copy.deepcopy(state)
+        self.policy.load_state_dict(state["policy"])
+        self.policy.optimizer.load_state_dict(state["optimizer"])
+        self.num_timesteps, self._n_updates = state["num_timesteps"], state["n_updates"]
+        self.reward_stats, self.kl_controller = state["reward_stats"], state["kl_controller"]
+        self.trained_rollouts, self.initial_length = state["trained_rollouts"], state["initial_length"]
+        set_rng_states(state["rng"])
+
+    def reset_episodes(self) -> None:
+        """Reset the env now, so that the next rollout starts fresh episodes (not the ones the last cut)."""
+        self._last_obs = self.env.reset()
+        self._last_episode_starts = np.ones((self.env.num_envs,), dtype=bool)
 
     # --- rollouts ------------------------------------------------------------------------------------
 
@@ -131,7 +164,7 @@ class LMPPO(PPO):
                 logits, values = self.policy.read_latest(obs_to_tensors(obs, self.device),
                                                          values=not self._deferred_values)
                 values = torch.full((len(logits), 1), float("nan")) if values is None else values
-                distribution = torch.distributions.Categorical(logits=_masked(logits, allowed))
+                distribution = torch.distributions.Categorical(logits=mask_logits(logits, allowed))
                 actions = distribution.sample()
                 log_probs = distribution.log_prob(actions)
             actions = actions.cpu().numpy()
@@ -169,29 +202,24 @@ class LMPPO(PPO):
                             reward_components=infos[row].get("reward_components"))
             collector.begin(row, _context(new_obs, row))
 
-    def _fill_reference_logprobs(self) -> None:
-        """Where the env gave no ``ref_logprob``, score the segments with the reference: one forward each.
+    def _make_reference(self) -> ReferenceModel:
+        """The reference model: the env's, else the policy's LM with its LoRA adapters off, else a frozen copy
+        of the policy's LM as it is now (before any update: the initial policy)."""
+        reference = env_reference(self.env) if self.env is not None else None
+        if reference is not None:
+            return reference
+        if hasattr(self.policy.lm, "peft_config"):
+            return ReferenceModel(self.policy.lm, self.policy.tokenizer)
+        return ReferenceModel.frozen_copy(self.policy.lm, self.policy.tokenizer)
 
-        The reference is the env's LM when the env has one (an lm-gym env made with
-        ``reference_logprobs=False``), else the policy's LM with its LoRA adapters off (the scorer switches
-        them off), else a frozen copy of the LM taken when first needed (before any update: the initial policy).
-        """
+    def _fill_reference_logprobs(self) -> None:
+        """Where the env gave no ``ref_logprob``, score the segments with the reference: one forward each."""
         missing = [s for s in self.segments if any(np.isnan(s.ref_logprobs))]
         if not missing:
             return
-        reference = _env_lm(self.env)
-        if reference is None and hasattr(self.policy.lm, "peft_config"):
-            reference = self.policy.lm
-        if reference is None:
-            if self.reference_lm is None:
-                self.reference_lm = copy.deepcopy(self.policy.lm).requires_grad_(False).eval()
-            reference = self.reference_lm
-        for segment, logprobs in zip(missing, self._score_reference(reference, missing)):
+        scored = self.reference.continuation_logprobs([s.context for s in missing], [s.tokens for s in missing])
+        for segment, logprobs in zip(missing, scored):
             segment.ref_logprobs = logprobs.tolist()
-
-    def _score_reference(self, model, segments) -> list[torch.Tensor]:
-        pad = self.policy.tokenizer.pad_token_id
-        return continuation_logprobs(model, [s.context for s in segments], [s.tokens for s in segments], pad)
 
     def _allowed_tokens(self, env) -> torch.Tensor | None:
         """The env's allowed-token mask (V,) when it restricts the actions, else None."""
@@ -211,7 +239,7 @@ class LMPPO(PPO):
         self.policy.set_training_mode(False)
         with torch.no_grad():
             logits, _ = self.policy.read_latest(obs_to_tensors(observation, self.device))
-            logits = _masked(logits, torch.as_tensor(np.asarray(action_masks), device=self.device).bool())
+            logits = mask_logits(logits, torch.as_tensor(np.asarray(action_masks), device=self.device).bool())
             actions = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
         return actions.cpu().numpy(), state
 
@@ -245,7 +273,7 @@ class LMPPO(PPO):
         ids, mask = (torch.as_tensor(np.stack([o[key] for o in observations]), device=self.device).long()
                      for key in ("input_ids", "attention_mask"))
         with torch.no_grad():
-            return self.policy.final_values(*_trim_left(ids, mask)).tolist()
+            return self.policy.final_values(*trim_left(ids, mask)).tolist()
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -269,7 +297,8 @@ class LMPPO(PPO):
         self._n_updates += self.n_epochs
         self.trained_rollouts += 1
         self.logger.record("train/actor_frozen", int(not actor))
-        self._log(data, logs, time.perf_counter() - started)
+        kl, tokens = self._log(data, logs, time.perf_counter() - started)
+        self.kl_controller.update(kl, tokens)
 
     def _wrap_data_parallel(self, actor: bool) -> None:
         """Wrap the actor-critic in DDP; while the actor is frozen (critic warm-up) its parameters get no
@@ -328,7 +357,7 @@ class LMPPO(PPO):
         ids, attention, mask = data.ids[index], data.attention_mask[index], data.mask[index]
         steps = int(mask.sum(dim=1).max())
         trim = lambda t: t[index][:, :steps]  # noqa: E731
-        ids, attention = _trim_left(ids, attention)
+        ids, attention = trim_left(ids, attention)
         actor_critic = self.data_parallel or self.policy.actor_critic  # DDP averages the gradients across ranks
         logits, values = actor_critic(ids, attention, keep=steps + 1, actor=actor)
         sub = SegmentBatch(ids, attention, trim(data.tokens), mask[:, :steps], trim(data.logprobs), trim(data.values),
@@ -336,7 +365,7 @@ class LMPPO(PPO):
         columns = sub.positions()
         logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
         values = values.gather(1, columns)
-        distribution = torch.distributions.Categorical(logits=_masked(logits, self.allowed))
+        distribution = torch.distributions.Categorical(logits=mask_logits(logits, self.allowed))
         log_prob, entropy, valid = distribution.log_prob(sub.tokens), distribution.entropy(), sub.mask.bool()
         advantages = trim(data.advantages)
         if self.normalize_advantage and valid.sum() > 1:
@@ -361,8 +390,9 @@ class LMPPO(PPO):
             }
         return loss, stats
 
-    def _log(self, data: SegmentBatch, logs: dict[str, list[float]], train_seconds: float) -> None:
-        """Record the update's statistics (over all ranks when data-parallel) and adapt the KL coefficient."""
+    def _log(self, data: SegmentBatch, logs: dict[str, list[float]], train_seconds: float) -> tuple[float, int]:
+        """Record the update's statistics (over all ranks when data-parallel); return the rollout's mean KL per
+        segment and its token count."""
         means = distributed.gather(torch.tensor([float(np.mean(v)) for v in logs.values()], dtype=torch.float64))
         for key, value in zip(logs, means.reshape(distributed.world_size(), -1).mean(dim=0).tolist()):
             self.logger.record(f"train/{key}", value)
@@ -373,7 +403,7 @@ class LMPPO(PPO):
             [(sum(s.scores), s.terminated, s.reward_components) for s in self.segments if s.ended])
         values, returns = (distributed.gather(t[valid]).numpy() for t in (data.values, data.returns))
         self.logger.record("train/explained_variance", explained_variance(values, returns))
-        self.logger.record("train/kl_coef", self.kl_coef)
+        self.logger.record("train/kl_coef", self.kl_coef)  # the β this rollout's rewards used
         self.logger.record("rollout/kl_per_segment", float(kl.mean()))
         self.logger.record("rollout/response_length", float(lengths.mean()))
         self.logger.record("rollout/eos_rate", float(np.mean([e[1] for e in episodes])) if episodes else 0.0)
@@ -387,9 +417,8 @@ class LMPPO(PPO):
         tokens = int(lengths.sum())
         self.logger.record("time/rollout_tokens_per_s", tokens / max(self.rollout_seconds, 1e-9))
         self.logger.record("time/train_tokens_per_s", tokens * self.n_epochs / max(train_seconds, 1e-9))
-        if self.kl_target is not None:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, float(kl.mean()), self.kl_target, tokens, self.kl_horizon)
         self._watch(float(kl.mean()), float(lengths.mean()))
+        return float(kl.mean()), tokens
 
     def _watch(self, kl: float, length: float) -> None:
         """Warn when KL or response length runs away (reward hacking and collapse show there first)."""
@@ -414,12 +443,12 @@ def token_groups(order: list[int], tokens: list[int], budget: float) -> list[lis
     return groups + [group] if group else groups
 
 
-def _env_lm(env):
-    """The LM of an lm-gym env (``SB3VecEnv``, or a VecEnv of ``LanguageModelEnv``), or None."""
-    model = getattr(env, "model", None)
-    if model is None and env.has_attr("model"):
-        model = env.get_attr("model", [0])[0]
-    return model if isinstance(model, torch.nn.Module) and hasattr(model, "get_output_embeddings") else None
+def env_reference(env) -> ReferenceModel | None:
+    """The reference model of an lm-gym env (``SB3VecEnv``, or a VecEnv of ``LanguageModelEnv``), or None."""
+    reference = getattr(env, "reference", None)
+    if reference is None and env.has_attr("reference"):
+        reference = env.get_attr("reference", [0])[0]
+    return reference if isinstance(reference, ReferenceModel) else None
 
 
 def portable_policy_kwargs(kwargs: dict) -> dict:
@@ -443,11 +472,6 @@ def portable_policy_kwargs(kwargs: dict) -> dict:
     return portable
 
 
-def _masked(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """Logits with disallowed tokens at -inf (probability 0)."""
-    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
-
-
 def _context(obs, row: int) -> list[int]:
     mask = np.asarray(obs["attention_mask"][row]).astype(bool)
     return np.asarray(obs["input_ids"][row])[mask].astype(np.int64).tolist()
@@ -458,8 +482,18 @@ def obs_to_tensors(obs, device) -> dict[str, torch.Tensor]:
     return {key: torch.as_tensor(value, device=device) for key, value in obs.items()}
 
 
-def _trim_left(ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop leading columns that are padding in every row."""
-    used = attention.any(dim=0).nonzero()
-    start = int(used[0]) if len(used) else 0
-    return ids[:, start:], attention[:, start:]
+def rng_states() -> dict:
+    """The states of Python's, numpy's and torch's global generators (CUDA's too, when present)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore :func:`rng_states`."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])

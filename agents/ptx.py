@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lm_gym.episodes import pad_right
+from lm_gym.padding import pad_right
 
 
 class PretrainingBatches:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lm_gym.data import PreferencePair, chat_prompt
-from lm_gym.env import resolve_model
+from lm_gym.models import resolve_model
 from lm_gym.rewards import RewardModelReward
 from lm_gym.rewards.model_rewards import (
     REWARD_STATS_FILE, exchange_ids, load_reward_model_dir, score_exchanges, sequence_scores,
@@ -109,6 +110,19 @@ def critic_from_reward_model(reward_model, device=None):
     std = max(rm.std, 1e-8)
     bias = (head.bias.detach() if head.bias is not None else torch.zeros(1)) - rm.mean
     return lm.to(device or classifier.device).eval(), head.weight.detach() / std, bias / std
+
+
+def critic_start(value_model, device=None) -> tuple[object, tuple | None]:
+    """``(value_model, value_init)`` for :meth:`agents.TransformerActorCritic.from_pretrained` from a
+    ``value_model`` setting: a reward model (a :class:`RewardModel` or a directory written by
+    :meth:`RewardModel.save`) becomes its transformer as a causal LM and its head rescaled to standardised
+    rewards (:func:`critic_from_reward_model`); anything else (None, an LM name, path or model) passes through."""
+    if isinstance(value_model, RewardModel) or (
+        isinstance(value_model, (str, os.PathLike)) and (Path(value_model) / REWARD_STATS_FILE).is_file()
+    ):
+        backbone, weight, bias = critic_from_reward_model(value_model, device)
+        return backbone, (weight, bias)
+    return value_model, None
 
 
 def _with_backbone_of(source, auto_class, **config_changes):

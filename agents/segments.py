@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lm_gym.episodes import pad_left, pad_right
+from lm_gym.padding import pad_left, pad_right
 
 
 @dataclass

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from agents.actor_critic import apply_lora
 from lm_gym.chat import encode_prompt, has_chat_template
 from lm_gym.data import chat_prompt
-from lm_gym.env import resolve_model
-from lm_gym.episodes import pad_right
+from lm_gym.models import resolve_model
+from lm_gym.padding import pad_right
 
 
 def sft(

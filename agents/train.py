@@ -12,7 +12,6 @@ Under ``torchrun`` (or ``lm-gym train --nproc K``) the run is data-parallel: eac
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import json
@@ -184,12 +183,12 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
     progress = tqdm(range(state["iteration"], config.iterations), initial=state["iteration"], total=config.iterations,
                     desc="lm-gym train", disable=None if main else True)
     for iteration in progress:
-        snapshot = _snapshot(agent) if main else None
+        snapshot = agent.training_state() if main else None
         try:
             train_iteration(agent, env, config, iteration)
         except KeyboardInterrupt:
             if main:
-                _restore(agent, snapshot)
+                agent.load_training_state(snapshot)
                 _save_state(run_dir, agent, {**state, "iteration": iteration})
                 print(f"\ninterrupted: state saved at iteration {iteration}; resume with lm-gym train --resume {run_dir}",
                       file=sys.stderr)
@@ -219,23 +218,9 @@ def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration
     rank = distributed.rank()
     torch.manual_seed(config.seed * 100_003 + iteration + rank * 1_000_003)
     env.seed(config.seed * 100_003 + iteration * config.num_envs + rank * env.num_envs)
-    agent._last_obs = env.reset()
+    agent.reset_episodes()
     agent.learn(total_timesteps=config.max_new_tokens * config.num_envs, reset_num_timesteps=False,
                 tb_log_name="lmppo")
-
-
-def _snapshot(agent: LMPPO) -> dict:
-    return {"policy": copy.deepcopy(agent.policy.state_dict()),
-            "optimizer": copy.deepcopy(agent.policy.optimizer.state_dict()),
-            "num_timesteps": agent.num_timesteps, "reward_stats": copy.deepcopy(agent.reward_stats),
-            "kl_coef": agent.kl_coef, "trained_rollouts": agent.trained_rollouts}
-
-
-def _restore(agent: LMPPO, snapshot: dict) -> None:
-    agent.policy.load_state_dict(snapshot["policy"])
-    agent.policy.optimizer.load_state_dict(snapshot["optimizer"])
-    agent.num_timesteps, agent.reward_stats, agent.kl_coef, agent.trained_rollouts = (
-        snapshot["num_timesteps"], snapshot["reward_stats"], snapshot["kl_coef"], snapshot["trained_rollouts"])
 
 
 def _save_state(run_dir: Path, agent: LMPPO, state: dict) -> None:

@@ -54,9 +54,9 @@ def random_actions(rng: np.random.Generator, shape, vocab: int, stop_ids) -> np.
 def time_naive(model, tokenizer, env_kwargs, steps: int) -> float:
     env = LanguageModelEnv(**env_kwargs)
     env.reset(seed=0)
-    prompt_ids = env.core.batch.row_tokens(0)
+    prompt_ids = env.episodes.batch.row_tokens(0)
     naive = NaiveLanguageModelEnv(model, prompt_ids)
-    actions = random_actions(np.random.default_rng(0), steps, env.action_space.n, env.core.stop_token_ids.tolist())
+    actions = random_actions(np.random.default_rng(0), steps, env.action_space.n, env.episodes.stop_token_ids.tolist())
     started = time.perf_counter()
     for action in actions:
         naive.step(int(action))
@@ -134,7 +134,7 @@ def main() -> None:
     )
     params = sum(p.numel() for p in model.parameters())
     single = LanguageModelEnv(**env_kwargs)
-    vocab, stops = single.action_space.n, single.core.stop_token_ids.tolist()
+    vocab, stops = single.action_space.n, single.episodes.stop_token_ids.tolist()
 
     naive = time_naive(model, tokenizer, env_kwargs, args.naive_steps)
     ours_single, _ = time_env(single, 0, RESPONSE_TOKENS, vocab, stops)
@@ -147,7 +147,7 @@ def main() -> None:
         sync.close()
         vector = LanguageModelVectorEnv(n, **env_kwargs)
         vector_rate, with_reset = time_env(vector, n, RESPONSE_TOKENS, vocab, stops)
-        kv_length = round(float(vector.core.batch.lengths.float().mean())) - RESPONSE_TOKENS // 2
+        kv_length = round(float(vector.episodes.batch.lengths.float().mean())) - RESPONSE_TOKENS // 2
         rows.append((n, sync_rate, vector_rate, with_reset, *decode_bounds(model, n, kv_length)))
         vector.close()
 

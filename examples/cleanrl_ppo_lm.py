@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import lm_gym
-from lm_gym.episodes import mask_positions
+from lm_gym.padding import mask_positions
 
 
 @dataclass

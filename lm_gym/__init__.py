@@ -12,9 +12,10 @@
 
 import gymnasium
 
-from lm_gym.core import MultiTurn
+from lm_gym.config import EnvConfig, MultiTurn
 from lm_gym.env import LanguageModelEnv
 from lm_gym.models import ModelNotFoundError, cache_dir, load_model
+from lm_gym.reference import ReferenceModel
 from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward, FunctionReward, Reward
 from lm_gym.vector_env import LanguageModelVectorEnv
 
@@ -30,6 +31,7 @@ if ENV_ID not in gymnasium.registry:
 __all__ = [
     "BlendedReward",
     "ENV_ID",
+    "EnvConfig",
     "FeedbackReward",
     "FluencyReward",
     "FunctionReward",
@@ -37,6 +39,7 @@ __all__ = [
     "LanguageModelVectorEnv",
     "ModelNotFoundError",
     "MultiTurn",
+    "ReferenceModel",
     "Reward",
     "cache_dir",
     "load_model",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import gymnasium as gym
@@ -10,27 +9,30 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from lm_gym.chat import has_chat_template
-from lm_gym.core import MultiTurn, TokenEpisodes, resolve_stop_tokens
-from lm_gym.data.prompts import load_prompts
-from lm_gym.models import ensure_pad_token, load_model, load_tokenizer
-from lm_gym.rewards import as_reward, default_reward
+from lm_gym.config import EnvConfig
+from lm_gym.episode_rules import TokenEpisodes, step_infos
+from lm_gym.render import text_frame
 
 RESET_OPTIONS = {"prompt"}
 
 
 class EpisodesOwner:
-    """The ``model`` and ``tokenizer`` of an env that steps its episodes through ``self.core``."""
+    """The ``model`` and ``tokenizer`` of an env that steps its episodes through ``self.episodes``."""
 
     @property
     def tokenizer(self):
         """The env's tokenizer."""
-        return self.core.tokenizer
+        return self.episodes.tokenizer
 
     @property
     def model(self):
-        """The env's LM (also the reference model of ``ref_logprob``)."""
-        return self.core.batch.model
+        """The env's LM (run as the reference: its adapters, if a LoRA policy put any in, are off)."""
+        return self.episodes.reference.model
+
+    @property
+    def reference(self):
+        """The env's :class:`lm_gym.reference.ReferenceModel` (it scores ``ref_logprob``; rewards bind to it)."""
+        return self.episodes.reference
 
 
 class LanguageModelEnv(EpisodesOwner, gym.Env):
@@ -46,63 +48,23 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
     position is always the latest token. The action space is ``Discrete(V)`` with V the rows of the model's
     output embedding (ids past the tokenizer's vocabulary are valid actions that decode to nothing).
 
-    :param model: ``"default"`` (SmolLM2-135M-Instruct), ``"tiny"``, a directory, a hub id, or a loaded model.
-    :param tokenizer: the tokenizer, required with a loaded model unless it can be loaded from its
-        ``name_or_path``.
-    :param prompts: a list of prompts (strings or chat message lists), a ``.txt``/``.jsonl`` file, a callable
-        ``fn(np_random) -> prompt``, or ``None`` for the 240 shipped default prompts.
-    :param reward: a :class:`lm_gym.rewards.Reward` or any callable ``(prompts, responses, **context) ->
-        scores``; default ``BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=0.5)``. The reward
-        context carries ``response_ids``, ``context_ids`` (the tokens before the response), ``ref_logprobs``
-        (per-token reference log-probs, or None with ``reference_logprobs=False``) and ``stopped``.
-    :param max_new_tokens: response length limit (per agent turn in multi-turn mode).
-    :param max_prompt_tokens: prompt length limit, chat formatting included.
-    :param use_chat_template: format prompts with the tokenizer's chat template; default on when it has one.
-    :param stop_token_ids: tokens that end the response; default the EOS token(s).
-    :param truncate_prompt: ``None`` (too-long prompts raise), ``"left"`` or ``"right"`` (cut that side).
-    :param multi_turn: ``None`` for single-turn episodes, or :class:`MultiTurn` settings (or a dict of them).
-    :param allowed_token_ids: restrict the actions to these token ids (other ids raise); ``action_masks()``
-        then marks them, for maskable policies. ``None``: every token is allowed.
-    :param reference_logprobs: score every token under the env's LM as it is taken (``info["ref_logprob"]``
-        and the reward context's ``ref_logprobs``). With ``False`` the LM does not run during steps at all
-        (the env only keeps tokens): cheaper when the agent scores the reference itself, as ``LMPPO`` does
-        in one batched forward per episode; rewards that need reference log-probs score the finished response.
-    :param device: device of the LM; default CUDA when available.
-    :param dtype: dtype of the LM when loaded here; default float32.
-    :param render_mode: ``"ansi"`` (``render()`` returns text) or ``"human"`` (prints it).
+    :param config: an :class:`lm_gym.EnvConfig`; keyword ``settings`` replace its fields.
+    :param render_mode: ``"ansi"`` (``render()`` returns text), ``"human"`` (prints it) or ``"rgb_array"``
+        (the text drawn as an RGB frame, for ``RecordVideo``).
+    :param settings: the fields of :class:`lm_gym.EnvConfig` (``model``, ``prompts``, ``reward``,
+        ``max_new_tokens``, ...), as ``gymnasium.make("LanguageModelEnv-v0", **settings)`` passes them.
     """
 
-    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "human", "rgb_array"], "render_fps": 4}
 
-    def __init__(
-        self,
-        model: Any = "default",
-        tokenizer: Any = None,
-        prompts: Any = None,
-        reward: Any = None,
-        max_new_tokens: int = 48,
-        max_prompt_tokens: int = 128,
-        use_chat_template: bool | None = None,
-        stop_token_ids: Any = None,
-        truncate_prompt: str | None = None,
-        multi_turn: MultiTurn | dict | None = None,
-        allowed_token_ids: Any = None,
-        reference_logprobs: bool = True,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-        render_mode: str | None = None,
-    ):
+    def __init__(self, config: EnvConfig | None = None, *, render_mode: str | None = None, **settings: Any):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; expected one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
-        self.core = build_episodes(
-            1, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward, max_new_tokens=max_new_tokens,
-            max_prompt_tokens=max_prompt_tokens, use_chat_template=use_chat_template, stop_token_ids=stop_token_ids,
-            truncate_prompt=truncate_prompt, multi_turn=multi_turn, allowed_token_ids=allowed_token_ids,
-            reference_logprobs=reference_logprobs, device=device, dtype=dtype,
-        )
-        self.observation_space = observation_space(self.core.vocab_size, self.core.obs_length)
-        self.action_space = spaces.Discrete(self.core.vocab_size)
+        self.config = EnvConfig.of(config, **settings)
+        self.episodes = TokenEpisodes.from_config(self.config, 1)
+        self.observation_space = observation_space(self.episodes.vocab_size, self.episodes.obs_length)
+        self.action_space = spaces.Discrete(self.episodes.vocab_size)
         self._episode_over: bool | None = None  # None: never reset
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -112,7 +74,7 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
         unknown = set(options) - RESET_OPTIONS
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; expected keys among {sorted(RESET_OPTIONS)}")
-        info = self.core.reset_rows([0], [self.np_random], [options.get("prompt")])[0]
+        info = self.episodes.reset_rows([0], [self.np_random], [options.get("prompt")])[0]
         self._episode_over = False
         return self._observation(), info
 
@@ -122,51 +84,51 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
             raise RuntimeError("call reset() before step()")
         if self._episode_over:
             raise RuntimeError("the episode is over (terminated or truncated); call reset() before stepping again")
-        token = validate_action(action, self.core.vocab_size, self.core.allowed)
-        actions = torch.tensor([token], device=self.core.device)
-        result = self.core.step(actions, torch.ones(1, dtype=torch.bool, device=self.core.device))
+        token = validate_action(action, self.episodes.vocab_size, self.episodes.allowed)
+        actions = torch.tensor([token], device=self.episodes.device)
+        result = self.episodes.step(actions, torch.ones(1, dtype=torch.bool, device=self.episodes.device))
         terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
         self._episode_over = terminated or truncated
-        info = {"ref_logprob": float(result.ref_logprob[0])} if self.core.reference_logprobs else {}
-        info.update(result.infos[0])
+        info = step_infos(result, self.episodes.reference_logprobs)[0]
         if self.render_mode == "human":
             self.render()
         return self._observation(), float(result.reward[0]), terminated, truncated, info
 
     def next_token_logprobs(self) -> torch.Tensor:
         """log π_ref(· | observation) over the action space, on the env's device (valid until the next step)."""
-        if not self.core.reference_logprobs:
+        if not self.episodes.reference_logprobs:
             raise RuntimeError("this env was made with reference_logprobs=False: its LM does not run during steps")
-        return self.core.batch.next_logprobs[0]
+        return self.episodes.batch.next_logprobs[0]
 
     def render(self):
-        """``"ansi"``: return the dialogue so far as text; ``"human"``: print it."""
+        """``"ansi"``: return the dialogue so far as text; ``"human"``: print it; ``"rgb_array"``: return it
+        drawn as a (H, W, 3) uint8 frame."""
         if self.render_mode is None:
-            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' or 'human'")
+            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi', 'human' or 'rgb_array'")
             return None
         text = self._render_text()
         if self.render_mode == "human":
             print(text)
             return None
-        return text
+        return text_frame(text) if self.render_mode == "rgb_array" else text
 
     def _render_text(self) -> str:
         if self._episode_over is None:
             return ""
-        return self.core.dialogue_text(0, with_partial_turn=not self._episode_over)
+        return self.episodes.dialogue_text(0, with_partial_turn=not self._episode_over)
 
     def action_masks(self) -> np.ndarray:
         """Boolean (V,) mask of the allowed tokens (all True without ``allowed_token_ids``), for MaskablePPO."""
-        return allowed_or_all(self.core.allowed, self.core.vocab_size).copy()
+        return allowed_or_all(self.episodes.allowed, self.episodes.vocab_size).copy()
 
     def _observation(self) -> dict[str, np.ndarray]:
-        ids, mask = self.core.observation()
+        ids, mask = self.episodes.observation()
         return {"input_ids": ids[0].cpu().numpy(), "attention_mask": mask[0].cpu().numpy()}
 
     def close(self):
         """Free the LM and its cache (device memory); safe to call twice."""
-        if getattr(self, "core", None) is not None:
-            self.core = None
+        if getattr(self, "episodes", None) is not None:
+            self.episodes = None
             if torch.cuda is not None and torch.cuda.is_available():  # None during interpreter shutdown
                 torch.cuda.empty_cache()
 
@@ -202,58 +164,3 @@ def validate_action(action, vocab_size: int, allowed: np.ndarray | None = None) 
             f"action {int(action)} is not among the {int(allowed.sum())} allowed_token_ids; see action_masks()"
         )
     return int(action)
-
-
-def build_episodes(
-    num_rows: int, *, model, tokenizer, prompts, reward, max_new_tokens, max_prompt_tokens, use_chat_template,
-    stop_token_ids, truncate_prompt, multi_turn, allowed_token_ids=None, reference_logprobs=True, device=None,
-    dtype=None,
-) -> TokenEpisodes:
-    """Resolve the env keywords (load the model, the prompts, the reward) into a :class:`TokenEpisodes`."""
-    for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if truncate_prompt not in (None, "left", "right"):
-        raise ValueError(f"truncate_prompt={truncate_prompt!r}; expected None, 'left' or 'right'")
-    model, tokenizer = resolve_model(model, tokenizer, device, dtype)
-    if use_chat_template is None:
-        use_chat_template = has_chat_template(tokenizer)
-    elif use_chat_template and not has_chat_template(tokenizer):
-        raise ValueError("use_chat_template=True but the tokenizer has no chat template")
-    if isinstance(multi_turn, dict):
-        multi_turn = MultiTurn(**multi_turn)
-    if multi_turn is not None and multi_turn.context_tokens <= max_prompt_tokens:
-        raise ValueError(
-            f"multi_turn.context_tokens={multi_turn.context_tokens} leaves no room after "
-            f"max_prompt_tokens={max_prompt_tokens}"
-        )
-    reward = as_reward(reward) if reward is not None else default_reward()
-    reward.bind(model, tokenizer)
-    return TokenEpisodes(
-        model, tokenizer, num_rows, load_prompts(prompts), reward,
-        max_new_tokens=int(max_new_tokens), max_prompt_tokens=int(max_prompt_tokens),
-        use_chat_template=use_chat_template, stop_token_ids=resolve_stop_tokens(tokenizer, model, stop_token_ids),
-        truncate_prompt=truncate_prompt, multi_turn=multi_turn, allowed_token_ids=allowed_token_ids,
-        reference_logprobs=bool(reference_logprobs),
-    )
-
-
-def resolve_model(model, tokenizer, device, dtype):
-    """A loaded ``(model, tokenizer)`` pair in eval mode from a name/path or an already loaded model."""
-    if isinstance(model, (str, os.PathLike)):
-        if tokenizer is not None:
-            raise ValueError("pass tokenizer= only with an already loaded model; a model name brings its own")
-        model, tokenizer = load_model(model, device=device, dtype=dtype)
-        model.requires_grad_(False)
-        return model, tokenizer
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
-        raise TypeError(f"model={model!r:.80} is neither a model name/path nor a loaded causal LM")
-    if tokenizer is None:
-        source = getattr(model, "name_or_path", "")
-        if not source:
-            raise ValueError("a loaded model needs tokenizer=...; it has no name_or_path to load one from")
-        tokenizer = load_tokenizer(source)
-    ensure_pad_token(tokenizer)
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model.eval(), tokenizer

@@ -106,6 +106,32 @@ def load_model(
     return model, tokenizer
 
 
+def output_vocab_size(model) -> int:
+    """Rows of the model's output embedding: the size of the action space."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def resolve_model(model, tokenizer, device, dtype):
+    """A loaded ``(model, tokenizer)`` pair in eval mode from a name/path or an already loaded model."""
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise ValueError("pass tokenizer= only with an already loaded model; a model name brings its own")
+        model, tokenizer = load_model(model, device=device, dtype=dtype)
+        model.requires_grad_(False)
+        return model, tokenizer
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
+        raise TypeError(f"model={model!r:.80} is neither a model name/path nor a loaded causal LM")
+    if tokenizer is None:
+        source = getattr(model, "name_or_path", "")
+        if not source:
+            raise ValueError("a loaded model needs tokenizer=...; it has no name_or_path to load one from")
+        tokenizer = load_tokenizer(source)
+    ensure_pad_token(tokenizer)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval(), tokenizer
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.float32

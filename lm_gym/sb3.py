@@ -15,6 +15,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv
 
+from lm_gym.config import EnvConfig
 from lm_gym.vector_env import LanguageModelVectorEnv
 
 ROW_METHODS = ("action_masks",)  # methods whose result has one entry per env
@@ -24,23 +25,29 @@ class SB3VecEnv(VecEnv):
     """The LM environment as an SB3 VecEnv of ``num_envs`` rows.
 
     :param num_envs: number of episodes stepped together.
-    :param env_kwargs: keywords of :class:`lm_gym.LanguageModelEnv` (model, prompts, reward, lengths, ...).
+    :param config: an :class:`lm_gym.EnvConfig`; keyword ``settings`` (its fields: model, prompts, reward,
+        lengths, ...) replace its fields.
     """
 
-    def __init__(self, num_envs: int = 1, **env_kwargs: Any):
-        self.venv = LanguageModelVectorEnv(num_envs, autoreset_mode=AutoresetMode.SAME_STEP, **env_kwargs)
+    def __init__(self, num_envs: int = 1, config: EnvConfig | None = None, **settings: Any):
+        self.venv = LanguageModelVectorEnv(num_envs, config, autoreset_mode=AutoresetMode.SAME_STEP, **settings)
         super().__init__(num_envs, self.venv.single_observation_space, self.venv.single_action_space)
         self._actions: np.ndarray | None = None
 
     @property
     def model(self):
-        """The env's LM (also the reference model of ``ref_logprob``)."""
+        """The env's LM (run as the reference)."""
         return self.venv.model
 
     @property
     def tokenizer(self):
         """The env's tokenizer."""
         return self.venv.tokenizer
+
+    @property
+    def reference(self):
+        """The env's :class:`lm_gym.reference.ReferenceModel`."""
+        return self.venv.reference
 
     def reset(self):
         """Reset every env with the seeds and options set by ``seed()`` / ``set_options()``, if any."""

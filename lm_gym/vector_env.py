@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,9 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from lm_gym.env import EpisodesOwner, LanguageModelEnv, allowed_or_all, build_episodes, observation_space
+from lm_gym.config import EnvConfig
+from lm_gym.env import EpisodesOwner, allowed_or_all, observation_space
+from lm_gym.episode_rules import TokenEpisodes, step_infos
 
 RESET_OPTIONS = {"prompt", "prompts", "reset_mask"}
 
@@ -20,15 +21,16 @@ RESET_OPTIONS = {"prompt", "prompts", "reset_mask"}
 class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
     """N language-model episodes on the device, one token per row per step, one forward per step.
 
-    Takes the keywords of :class:`LanguageModelEnv` plus:
-
     :param num_envs: number of episodes stepped together.
+    :param config: an :class:`lm_gym.EnvConfig`; keyword ``settings`` (its fields: ``model``, ``prompts``,
+        ``reward``, ``max_new_tokens``, ...) replace its fields.
     :param autoreset_mode: ``AutoresetMode.NEXT_STEP`` (default: a finished row is reset on the next step,
         whose action for it is ignored), ``SAME_STEP`` (reset at once; the final observation and info go to
         ``infos["final_obs"]`` / ``infos["final_info"]``) or ``DISABLED`` (reset finished rows with
         ``reset(options={"reset_mask": mask})``). Strings with the enum's value or name work too.
     :param output: ``"numpy"`` (arrays on the host) or ``"torch"`` (observations, rewards and flags as
         tensors on the env's device, without a host copy).
+    :param render_mode: ``"ansi"`` (``render()`` returns each row's text) or None.
 
     Row i is seeded with ``seed + i``, so for the same seeds and actions it plays exactly the episodes
     of N single :class:`LanguageModelEnv` in a :class:`gymnasium.vector.SyncVectorEnv`.
@@ -39,11 +41,12 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
     def __init__(
         self,
         num_envs: int = 1,
+        config: EnvConfig | None = None,
         *,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         output: str = "numpy",
         render_mode: str | None = None,
-        **env_kwargs: Any,
+        **settings: Any,
     ):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
@@ -54,10 +57,10 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         self.autoreset_mode = _autoreset_mode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         self.num_envs, self.output, self.render_mode = int(num_envs), output, render_mode
-        settings = {**_env_defaults(), **env_kwargs}
-        self.core = build_episodes(self.num_envs, **settings)
-        self.single_observation_space = observation_space(self.core.vocab_size, self.core.obs_length)
-        self.single_action_space = spaces.Discrete(self.core.vocab_size)
+        self.config = EnvConfig.of(config, **settings)
+        self.episodes = TokenEpisodes.from_config(self.config, self.num_envs)
+        self.single_observation_space = observation_space(self.episodes.vocab_size, self.episodes.obs_length)
+        self.single_action_space = spaces.Discrete(self.episodes.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
@@ -93,7 +96,7 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
     def _reset_rows(self, rows: np.ndarray, prompts: list, row_infos: list[dict]) -> None:
         """Start new episodes in ``rows`` (one batched prefill); merge their reset infos into ``row_infos``."""
         row_list = rows.tolist()
-        reset_infos = self.core.reset_rows(
+        reset_infos = self.episodes.reset_rows(
             row_list, [self._rngs[r] for r in row_list], [prompts[r] for r in row_list]
         )
         for row, info in zip(row_list, reset_infos):
@@ -119,13 +122,10 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
                 f"rows {np.flatnonzero(resetting).tolist()} have finished episodes; with autoreset DISABLED "
                 "reset them first with reset(options={'reset_mask': mask})"
             )
-        result = self.core.step(tokens, torch.as_tensor(~resetting, device=self.core.device))
+        result = self.episodes.step(tokens, torch.as_tensor(~resetting, device=self.episodes.device))
         ended = (result.terminated | result.truncated).cpu().numpy()
-        row_infos = [{} if resetting[row] else dict(result.infos[row]) for row in range(self.num_envs)]
-        if self.core.reference_logprobs:
-            ref_logprob = result.ref_logprob.double().cpu().numpy()
-            for row in np.flatnonzero(~resetting):
-                row_infos[row] = {"ref_logprob": float(ref_logprob[row]), **row_infos[row]}
+        infos = step_infos(result, self.episodes.reference_logprobs)
+        row_infos = [{} if resetting[row] else infos[row] for row in range(self.num_envs)]
         no_prompts = [None] * self.num_envs
         if self.autoreset_mode == AutoresetMode.NEXT_STEP and resetting.any():
             self._reset_rows(np.flatnonzero(resetting), no_prompts, row_infos)
@@ -162,22 +162,22 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
                 f"actions must be {self.num_envs} integer token ids (shape ({self.num_envs},)), "
                 f"got shape {array.shape} and dtype {array.dtype}"
             )
-        vocab = self.core.vocab_size
+        vocab = self.episodes.vocab_size
         bad = np.flatnonzero((array < 0) | (array >= vocab))
         if len(bad):
             raise ValueError(f"action {array[bad[0]]} of row {bad[0]} is outside the action space [0, {vocab})")
-        allowed = self.core.allowed
+        allowed = self.episodes.allowed
         if allowed is not None:
             stepped = ~self._needs_reset
             bad = np.flatnonzero(stepped & ~allowed[array])
             if len(bad):
                 raise ValueError(f"action {array[bad[0]]} of row {bad[0]} is not among the allowed_token_ids")
-        if isinstance(actions, torch.Tensor) and actions.device == self.core.device:
+        if isinstance(actions, torch.Tensor) and actions.device == self.episodes.device:
             return actions.long()
-        return torch.as_tensor(array, dtype=torch.long, device=self.core.device)
+        return torch.as_tensor(array, dtype=torch.long, device=self.episodes.device)
 
     def _observation(self, numpy: bool | None = None):
-        ids, mask = self.core.observation()
+        ids, mask = self.episodes.observation()
         if (self.output == "torch") if numpy is None else not numpy:
             return {"input_ids": ids, "attention_mask": mask}
         return {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()}
@@ -186,26 +186,20 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
 
     def action_masks(self) -> np.ndarray:
         """Boolean (N, V) masks of the allowed tokens (all True without ``allowed_token_ids``)."""
-        return np.tile(allowed_or_all(self.core.allowed, self.core.vocab_size), (self.num_envs, 1))
+        return np.tile(allowed_or_all(self.episodes.allowed, self.episodes.vocab_size), (self.num_envs, 1))
 
     def render(self) -> tuple[str, ...] | None:
         """With ``render_mode="ansi"``: each row's dialogue so far as text."""
         if self.render_mode != "ansi":
             return None
-        return tuple(self.core.dialogue_text(row, with_partial_turn=not self._needs_reset[row])
+        return tuple(self.episodes.dialogue_text(row, with_partial_turn=not self._needs_reset[row])
                      for row in range(self.num_envs))
 
     def close_extras(self, **kwargs) -> None:
         """Free the LM and its cache."""
-        self.core = None
+        self.episodes = None
         if torch.cuda is not None and torch.cuda.is_available():  # None during interpreter shutdown
             torch.cuda.empty_cache()
-
-
-def _env_defaults() -> dict:
-    """The single env's constructor defaults (one source of truth for both envs)."""
-    parameters = inspect.signature(LanguageModelEnv.__init__).parameters
-    return {name: p.default for name, p in parameters.items() if name not in ("self", "render_mode")}
 
 
 def _autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:

@@ -43,7 +43,7 @@ def observed_tokens(obs) -> list[int]:
 
 
 def stop_id(env) -> int:
-    return int(env.unwrapped.core.stop_token_ids[0])
+    return int(env.unwrapped.episodes.stop_token_ids[0])
 
 
 def play(env, actions, seed=0, prompt=None):

@@ -273,7 +273,7 @@ def test_long_prompt_raises_unless_truncation_is_chosen(make_tiny_env, tiny):
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_prompt_tokens=-3), "max_prompt_tokens"),
         (dict(truncate_prompt="middle"), "truncate_prompt"),
-        (dict(render_mode="rgb_array"), "render_mode"),
+        (dict(render_mode="video"), "render_mode"),
         (dict(prompts=[]), "empty"),
         (dict(prompts=["ok", ""]), r"prompts\[1\]"),
         (dict(prompts="/no/such/prompts.txt"), "does not exist"),
@@ -335,5 +335,5 @@ def test_prompt_sources(tmp_path, make_tiny_env):
 def test_env_runs_without_gradients(make_tiny_env):
     env = make_tiny_env()
     env.reset()
-    assert not torch.is_grad_enabled() or env.unwrapped.core.batch.next_logprobs.grad_fn is None
+    assert not torch.is_grad_enabled() or env.unwrapped.episodes.batch.next_logprobs.grad_fn is None
     assert not env.unwrapped.model.training

@@ -1,11 +1,11 @@
-"""The batched episode core: incremental KV-cached log-probs equal full forwards, rows are independent."""
+"""The episode batch: incremental KV-cached log-probs equal full forwards, rows are independent."""
 
 import random
 
 import torch
 
-from lm_gym.core import sample_continuations
-from lm_gym.episodes import EpisodeBatch
+from lm_gym.sampling import sample_continuations
+from lm_gym.episode_batch import EpisodeBatch
 from tests.conftest import full_forward_logprobs
 
 

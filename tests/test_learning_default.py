@@ -39,7 +39,7 @@ def test_lmppo_learns_to_start_with_a_word():
                   device="cpu", policy_kwargs={"model": "default", "device": "cpu"})
     before = success_rate(agent, env)
     for _ in range(6):
-        agent._last_obs = env.reset()
+        agent.reset_episodes()
         agent.learn(4 * 8, reset_num_timesteps=False)
     after = success_rate(agent, env)
     print(f"responses starting with {WORD!r}: {before:.0%} before, {after:.0%} after")

@@ -8,7 +8,7 @@ import torch
 from agents import LMPPO, RewardModel, evaluate_reward_model, train_reward_model
 from agents.reward_model import length_grouped_batches, wilson_interval
 from lm_gym.data import PreferencePair
-from lm_gym.episodes import pad_left
+from lm_gym.padding import pad_left
 from lm_gym.rewards import RewardModelReward
 from lm_gym.sb3 import SB3VecEnv
 

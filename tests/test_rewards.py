@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from lm_gym.data import FeedbackExample
+from lm_gym.reference import ReferenceModel
 from lm_gym.rewards import (
     BlendedReward,
     FeedbackReward,
@@ -116,7 +117,7 @@ def test_lm_encoder_feedback_reward_binds_to_the_env_lm(tiny):
     reward = FeedbackReward(FEEDBACK[:2], encoder="lm", context_threshold=-1.0, cache=False)
     with pytest.raises(RuntimeError, match="bound"):
         reward(["p1"], ["a"])
-    reward.bind(model, tokenizer)
+    reward.bind(ReferenceModel(model, tokenizer))
     assert isinstance(reward.encoder, LMEncoder)
     assert reward(["p1"], ["a"]).shape == (1,)
 
@@ -159,7 +160,7 @@ def test_fluency_reward_from_context_or_from_the_lm(tiny):
     assert reward(["?"], ["x"], ref_logprobs=[torch.tensor([-1.0, -3.0])]).item() == -2.0
     with pytest.raises(ValueError, match="ref_logprobs"):
         reward(["?"], ["x"])
-    reward.bind(model, tokenizer)
+    reward.bind(ReferenceModel(model, tokenizer))
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                                add_generation_prompt=True)
     prefix = tokenizer(prompt_ids, add_special_tokens=False).input_ids
@@ -174,7 +175,7 @@ def test_lm_judge_scores_yes_with_the_bound_lm(tiny):
     judge = LMJudgeReward(yes="yes", no="no")
     with pytest.raises(RuntimeError, match="needs an LM"):
         judge(["?"], ["x"])
-    judge.bind(model, tokenizer)
+    judge.bind(ReferenceModel(model, tokenizer))
     scores = judge(["Name a fruit.", "Name a fruit."], ["apple", "rock"])
     text = judge.judge_prompt.format(prompt="Name a fruit.", response="apple")
     ids = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,

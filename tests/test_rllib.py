@@ -10,7 +10,8 @@ import torch
 from ray.rllib.core.columns import Columns
 
 from agents.actor_critic import TransformerActorCritic
-from lm_gym.integrations.rllib import TransformerPPOLearner, TransformerRLModule, make_env, ppo_config
+from agents.integrations.rllib import TransformerPPOLearner, TransformerRLModule, ppo_config
+from lm_gym.integrations.rllib import make_env
 
 ALLOWED = [5, 6, 7, 8]
 ENV_CONFIG = {"model": "tiny", "max_new_tokens": 4, "max_prompt_tokens": 32, "truncate_prompt": "left", "device": "cpu"}

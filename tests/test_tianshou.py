@@ -9,13 +9,8 @@ from tianshou.data import Batch, Collector, VectorReplayBuffer
 from tianshou.trainer import OnPolicyTrainerParams
 
 from agents.actor_critic import TransformerActorCritic
-from lm_gym.integrations.tianshou import (
-    TokenActor,
-    TokenCritic,
-    env_factories,
-    make_tianshou_envs,
-    make_tianshou_ppo,
-)
+from agents.integrations.tianshou import TokenActor, TokenCritic, make_tianshou_ppo
+from lm_gym.integrations.tianshou import env_factories, make_tianshou_envs
 
 ALLOWED = [40, 41, 42, 43]
 TARGET = 42

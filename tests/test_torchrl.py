@@ -8,12 +8,8 @@ from torchrl.envs.utils import check_env_specs
 from torchrl.objectives import ClipPPOLoss
 
 from agents.actor_critic import TransformerActorCritic
-from lm_gym.integrations.torchrl import (
-    LOG_PROB_KEY,
-    make_torchrl_actor_critic,
-    make_torchrl_env,
-    make_torchrl_gae,
-)
+from agents.integrations.torchrl import LOG_PROB_KEY, make_torchrl_actor_critic, make_torchrl_gae
+from lm_gym.integrations.torchrl import make_torchrl_env
 
 MAX_NEW_TOKENS = 4
 ALLOWED = [5, 6, 7, 8]

@@ -145,7 +145,7 @@ def test_disabled_mode_requires_explicit_resets(settings):
 def test_torch_output_stays_on_the_device(settings):
     env = LanguageModelVectorEnv(2, output="torch", **settings)
     obs, _ = env.reset(seed=0)
-    assert isinstance(obs["input_ids"], torch.Tensor) and obs["input_ids"].device == env.core.device
+    assert isinstance(obs["input_ids"], torch.Tensor) and obs["input_ids"].device == env.episodes.device
     obs, reward, terminated, truncated, _ = env.step(torch.tensor([4, 5]))
     assert all(isinstance(x, torch.Tensor) for x in (reward, terminated, truncated))
     numpy_env = LanguageModelVectorEnv(2, **settings)
@@ -224,6 +224,6 @@ def test_memory_stays_bounded_over_many_resets(tiny):
         if step % 500 == 499:
             peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     assert ends > 5000
-    assert env.core.batch.cache.length <= env.core.batch.cache.capacity
+    assert env.episodes.batch.cache.length <= env.episodes.batch.cache.capacity
     growth_kib = peaks[-1] - peaks[2]  # after warm-up
     assert growth_kib < 4 * 1024, f"peak RSS grew by {growth_kib} KiB after warm-up: {peaks}"

@@ -1,10 +1,14 @@
-"""Adapters of the LM environment and the Transformer actor-critic to other RL libraries.
+"""Env-side adapters: the LM environment as other RL libraries expect it.
 
-Each adapter is an optional extra, imported on its own (nothing here is imported eagerly):
+Each is an optional extra, imported on its own (nothing here is imported eagerly), and none imports
+:mod:`agents`; the Transformer actor-critic's side of each library lives in :mod:`agents.integrations`:
 
-- :mod:`lm_gym.integrations.rllib` (``pip install lm-gym[rllib]``): Ray RLlib.
-- :mod:`lm_gym.integrations.torchrl` (``pip install lm-gym[torchrl]``): TorchRL envs (``GymWrapper``) and a
-  ``ProbabilisticActor`` / ``ValueOperator`` pair around a :class:`agents.actor_critic.TransformerActorCritic`.
+- :mod:`lm_gym.integrations.rllib` (``pip install lm-gym[rllib]``): the env registered with Ray Tune, with
+  RLlib's action-masking observations.
+- :mod:`lm_gym.integrations.torchrl` (``pip install lm-gym[torchrl]``): TorchRL envs (``GymWrapper`` with
+  categorical token actions over the single or the batched vector env).
 - :mod:`lm_gym.integrations.tianshou` (``pip install lm-gym[tianshou]``): env factories for Tianshou's vector
-  envs, actor and critic networks for Tianshou's PPO.
+  envs, the allowed-token mask under ``obs.mask``.
+
+The SB3 ``VecEnv`` is :class:`lm_gym.sb3.SB3VecEnv`.
 """

@@ -1,10 +1,9 @@
-"""What the adapters share: the allowed-token mask (as an observation entry, applied to logits), numeric infos."""
+"""What the env-side adapters share: the allowed-token mask as an observation entry, numeric infos."""
 
 from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
-import torch
 from gymnasium import spaces
 
 REF_LOGPROB_KEY = "ref_logprob"
@@ -54,21 +53,3 @@ class NumericInfos(gym.Wrapper):
 def with_token_mask(space: spaces.Dict, key: str, vocab_size: int) -> spaces.Dict:
     """``space`` with a bool (V,) entry ``key`` added."""
     return spaces.Dict({**space.spaces, key: spaces.Box(0, 1, shape=(vocab_size,), dtype=np.bool_)})
-
-
-def token_batch(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), int64 (B, L) on ``device``, from token observations (arrays or tensors) of any batch shape."""
-    ids, mask = (torch.as_tensor(x, device=device) for x in (input_ids, attention_mask))
-    return ids.reshape(-1, ids.shape[-1]).long(), mask.reshape(-1, mask.shape[-1]).long()
-
-
-def masked_logits(logits: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """``logits`` with the disallowed tokens (``token_mask`` False) at the dtype's lowest value (π = 0 there).
-
-    :param logits: action logits (..., V).
-    :param token_mask: bool-like (..., V) mask broadcastable to ``logits``, or ``None`` (every token allowed).
-    """
-    if token_mask is None:
-        return logits
-    allowed = torch.as_tensor(token_mask, device=logits.device).bool()
-    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)

@@ -1,58 +1,29 @@
-"""Tianshou adapter (``pip install lm-gym[tianshou]``): env factories, and the Transformer as Tianshou's actor and critic.
+"""Tianshou env side (``pip install lm-gym[tianshou]``): env factories for Tianshou's vector envs.
 
-Env side, :func:`env_factories` gives the ``env_fns`` of Tianshou's ``DummyVectorEnv`` / ``SubprocVectorEnv``
+:func:`env_factories` gives the ``env_fns`` of Tianshou's ``DummyVectorEnv`` / ``SubprocVectorEnv``
 (one :class:`lm_gym.LanguageModelEnv` each) and :func:`make_tianshou_envs` builds one. With
 ``allowed_token_ids`` the observations carry the allowed-token mask under ``"mask"``, Tianshou's key for
 legal actions.
 
-Policy side, :class:`TokenActor` and :class:`TokenCritic` share one
-:class:`agents.actor_critic.TransformerActorCritic` (the LM gives the logits, its value head V(s)); the actor
-obeys ``obs.mask``. :func:`make_tianshou_ppo` puts them into Tianshou's PPO with defaults fit for an LM::
-
-    envs = make_tianshou_envs(8, model="tiny", max_new_tokens=16)
-    ppo = make_tianshou_ppo(TransformerActorCritic.from_pretrained("tiny"), envs.action_space[0])
-    collector = Collector(ppo, envs, VectorReplayBuffer(1024, len(envs)))
-    ppo.run_training(OnPolicyTrainerParams(training_collector=collector, ...))
-
-Collection (the policy in eval mode) runs without gradients and only the new token of each env through the
-actor-critic's KV cache; training forwards are full forwards, one per minibatch for actor and critic together.
+The policy side (the Transformer as Tianshou's actor and critic, and its PPO) is
+:mod:`agents.integrations.tianshou`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gymnasium as gym
-import torch
-from tianshou.algorithm import PPO
-from tianshou.algorithm.modelfree.reinforce import DiscreteActorPolicy
-from tianshou.algorithm.optim import AdamOptimizerFactory
 from tianshou.env import BaseVectorEnv, DummyVectorEnv, SubprocVectorEnv
-from tianshou.utils.net.common import ActionReprNet
-from torch import nn
 
-from lm_gym.env import LanguageModelEnv, resolve_model
-from lm_gym.integrations._common import NumericInfos, TokenMaskObservation, masked_logits, token_batch
-
-if TYPE_CHECKING:
-    from agents.actor_critic import TransformerActorCritic
+from lm_gym.env import LanguageModelEnv
+from lm_gym.integrations._common import NumericInfos, TokenMaskObservation
+from lm_gym.models import resolve_model
 
 MASK_KEY = "mask"
 VECTOR_ENVS = {"dummy": DummyVectorEnv, "subproc": SubprocVectorEnv}
-PPO_DEFAULTS = dict(
-    gamma=1.0,  # episodic, reward at the end: no discount over the response
-    gae_lambda=0.95,
-    ent_coef=0.0,  # an entropy bonus over a whole vocabulary pulls towards noise
-    eps_clip=0.2,
-    vf_coef=0.5,
-    max_grad_norm=1.0,
-    max_batchsize=64,  # rows per no-grad forward when scoring values and old log-probs
-)
-
-
-# --- env side ---------------------------------------------------------------------------------------
 
 
 def make_tianshou_env(**env_kwargs: Any) -> gym.Env:
@@ -106,90 +77,3 @@ def shared_model(env_kwargs: dict) -> dict:
         settings.pop("dtype", None),
     )
     return {**settings, "model": model, "tokenizer": tokenizer}
-
-
-# --- policy side ------------------------------------------------------------------------------------
-
-
-class TokenActor(ActionReprNet):
-    """π's logits over the vocabulary for Tianshou: ``obs -> (logits (B, V), state)``.
-
-    Observations are Tianshou batches of left-padded ``input_ids`` / ``attention_mask`` (and ``mask``, the
-    allowed tokens, when the env restricts them: disallowed tokens get probability 0). In eval mode
-    (collection) the actor runs without gradients through the actor-critic's KV cache; in train mode with
-    gradients it runs a full forward, whose critic hidden state a linked :class:`TokenCritic` reads for
-    the same observations instead of running the LM again.
-
-    :param actor_critic: the Transformer actor-critic (the logits are divided by its temperature).
-    """
-
-    def __init__(self, actor_critic: "TransformerActorCritic"):
-        super().__init__()
-        self.actor_critic = actor_critic
-        self.shares_hidden = False  # set by a linked critic
-        self._last_hidden: tuple[Any, torch.Tensor] | None = None
-
-    def forward(self, obs, state=None, info=None) -> tuple[torch.Tensor, Any]:
-        """(logits (B, V), ``state`` unchanged)."""
-        ids, mask = token_batch(obs.input_ids, obs.attention_mask, self.actor_critic.lm.device)
-        if self.training and torch.is_grad_enabled():
-            logits, hidden = self.actor_critic.read_hidden(ids, mask)
-            self._last_hidden = (obs, hidden) if self.shares_hidden else None
-        else:
-            with torch.no_grad():
-                logits, _ = self.actor_critic.read_latest(ids, mask, values=False)
-        return masked_logits(logits, token_mask(obs)), state
-
-    def pop_hidden(self, obs) -> torch.Tensor | None:
-        """The critic's hidden states of the last training forward if it read ``obs`` (this very batch), once."""
-        last, self._last_hidden = self._last_hidden, None
-        if last is not None and last[0] is obs:
-            return last[1]
-        return None
-
-
-class TokenCritic(nn.Module):
-    """V(s) for Tianshou: ``obs -> values (B,)``, from the value head of the actor's actor-critic.
-
-    With gradients, right after the actor's training forward on the same observation batch (Tianshou's
-    A2C/PPO update order), the values come from that forward's hidden states: one LM forward per minibatch.
-
-    :param actor: the :class:`TokenActor` whose actor-critic (and training forward) to share.
-    """
-
-    def __init__(self, actor: TokenActor):
-        super().__init__()
-        self.actor = actor
-        actor.shares_hidden = True
-
-    def forward(self, obs, **kwargs) -> torch.Tensor:
-        """V(s) (B,) of the observations."""
-        actor_critic = self.actor.actor_critic
-        hidden = self.actor.pop_hidden(obs) if torch.is_grad_enabled() else None
-        if hidden is not None:
-            return actor_critic.values_of(hidden)
-        return actor_critic.final_values(*token_batch(obs.input_ids, obs.attention_mask, actor_critic.lm.device))
-
-
-def make_tianshou_ppo(actor_critic: "TransformerActorCritic", action_space: gym.spaces.Discrete, *, lr: float = 1e-5,
-                      deterministic_eval: bool = False, **ppo_kwargs: Any) -> PPO:
-    """Tianshou's PPO on one Transformer actor-critic, with LM-fit defaults (:data:`PPO_DEFAULTS`).
-
-    :param actor_critic: the Transformer actor-critic; all its trainable parameters (LM, value head) get
-        one Adam optimizer.
-    :param action_space: the env's ``Discrete(V)`` action space (e.g. ``envs.action_space[0]``).
-    :param lr: Adam's learning rate.
-    :param deterministic_eval: evaluate with the argmax token instead of a sample.
-    :param ppo_kwargs: keywords of ``tianshou.algorithm.PPO`` overriding the defaults (``gamma``,
-        ``eps_clip``, ``ent_coef``, ``max_batchsize``, ...).
-    """
-    actor = TokenActor(actor_critic)
-    policy = DiscreteActorPolicy(actor=actor, action_space=action_space, deterministic_eval=deterministic_eval)
-    settings = {**PPO_DEFAULTS, **ppo_kwargs}
-    return PPO(policy=policy, critic=TokenCritic(actor), optim=AdamOptimizerFactory(lr=lr), **settings)
-
-
-def token_mask(obs) -> torch.Tensor | None:
-    """The allowed-token mask (B, V) of a Tianshou observation batch, or ``None`` when it has none."""
-    mask = obs.get(MASK_KEY, None)
-    return None if mask is None else torch.as_tensor(mask)

@@ -46,10 +46,10 @@ class WeightedSum(Reward):
         self.normalize, self.name = normalize, name
         self.statistics = [RunningMeanStd() for _ in self.rewards]
 
-    def bind(self, model, tokenizer) -> None:
-        """Bind every component to the env's LM."""
+    def bind(self, reference) -> None:
+        """Bind every component to the env's reference model."""
         for reward in self.rewards:
-            reward.bind(model, tokenizer)
+            reward.bind(reference)
 
     def evaluate(self, prompts, responses, **context) -> RewardOutput:
         """Score every component once; return the weighted total and the raw components."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lm_gym.models import cache_dir
-from lm_gym.rewards.lm_scoring import mean_hidden_states
+from lm_gym.reference import ReferenceModel
 
 
 class SentenceEncoder:
@@ -64,6 +64,7 @@ class LMEncoder:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.reference = ReferenceModel(model, tokenizer)
         weights = next(model.parameters())
         fingerprint = hashlib.sha256(weights.detach().float().cpu().numpy().tobytes()[:1 << 16]).hexdigest()[:16]
         self.cache_key = f"lm:{getattr(model, 'name_or_path', '')}:{fingerprint}"
@@ -76,7 +77,7 @@ class LMEncoder:
     def encode(self, texts: list[str]) -> torch.Tensor:
         """(len(texts), H) float32 embeddings."""
         ids = [self.tokenizer(text).input_ids or [self.tokenizer.pad_token_id] for text in texts]
-        return mean_hidden_states(self.model, ids, self.tokenizer.pad_token_id)
+        return self.reference.mean_hidden_states(ids)
 
 
 def cached_embeddings(encoder, texts: list[str], use_cache: bool = True) -> torch.Tensor:

@@ -64,10 +64,10 @@ class FeedbackReward(Reward):
         self.encoder = SentenceEncoder() if encoder == "default" else None if encoder == "lm" else encoder
         self._tables = None
 
-    def bind(self, model, tokenizer) -> None:
-        """With ``encoder="lm"``, embed with the env's LM."""
+    def bind(self, reference) -> None:
+        """With ``encoder="lm"``, embed with the env's reference LM."""
         if self.encoder is None:
-            self.encoder = LMEncoder(model, tokenizer)
+            self.encoder = LMEncoder(reference.model, reference.tokenizer)
 
     def _prepare(self):
         """Embed the feedback set once (each distinct text once): prompts (normalised), responses, values."""

@@ -12,8 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from lm_gym.chat import encode_prompt, format_exchange, has_chat_template
 from lm_gym.models import ensure_pad_token
 from lm_gym.rewards.base import Reward
-from lm_gym.episodes import pad_left
-from lm_gym.rewards.lm_scoring import continuation_logprobs, next_token_logprobs
+from lm_gym.padding import pad_left
+from lm_gym.reference import ReferenceModel
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -121,49 +121,53 @@ class LMJudgeReward(Reward):
         if "{prompt}" not in judge_prompt or "{response}" not in judge_prompt:
             raise ValueError("judge_prompt must contain {prompt} and {response}")
         self.judge_prompt, self.yes, self.no = judge_prompt, yes, no
-        self.model, self.tokenizer = model, tokenizer
+        self.judge = None if model is None else ReferenceModel(model, tokenizer)
 
-    def bind(self, model, tokenizer) -> None:
-        """Judge with the env's LM unless a model was given."""
-        if self.model is None:
-            self.model, self.tokenizer = model, tokenizer
+    def bind(self, reference: ReferenceModel) -> None:
+        """Judge with the env's reference LM unless a model was given."""
+        if self.judge is None:
+            self.judge = reference
 
     def __call__(self, prompts, responses, **context) -> torch.Tensor:
-        if self.model is None:
+        if self.judge is None:
             raise RuntimeError("LMJudgeReward needs an LM: pass model= and tokenizer=, or use it inside an env")
-        chat = has_chat_template(self.tokenizer)
+        tokenizer = self.judge.tokenizer
+        chat = has_chat_template(tokenizer)
         contexts = [
-            encode_prompt(self.tokenizer, self.judge_prompt.format(prompt=p, response=r), chat)
+            encode_prompt(tokenizer, self.judge_prompt.format(prompt=p, response=r), chat)
             for p, r in zip(prompts, responses)
         ]
-        logprobs = next_token_logprobs(self.model, contexts, self.tokenizer.pad_token_id)
+        logprobs = self.judge.next_token_logprobs(contexts)
         score = logprobs[:, self._first_token(self.yes)]
         if self.no is not None:
             score = score - logprobs[:, self._first_token(self.no)]
         return score
 
     def _first_token(self, word: str) -> int:
-        return self.tokenizer(word, add_special_tokens=False).input_ids[0]
+        return self.judge.tokenizer(word, add_special_tokens=False).input_ids[0]
 
 
 class FluencyReward(Reward):
     """Mean per-token log-likelihood of the response under the reference LM (≤ 0; higher is more fluent).
 
-    Inside the env it reads ``context["ref_logprobs"]`` (the env's LM scored every token as it was taken),
-    so it costs no forward. Without them (an env made with ``reference_logprobs=False``) it scores the env's
-    exact tokens (``context_ids`` and ``response_ids``) with the bound LM in one batched forward; outside an
-    env it encodes the prompt and response texts.
+    Inside the env it reads ``context["ref_logprobs"]`` (the env's reference scored every token as it was
+    taken), so it costs no forward. Without them (an env made with ``reference_logprobs=False``) it scores the
+    env's exact tokens (``context_ids`` and ``response_ids``) with the env's reference in one batched forward;
+    outside an env it encodes the prompt and response texts.
+
+    :param model: the reference LM to score with outside an env (inside one, the env's reference is bound).
+    :param tokenizer: its tokenizer.
     """
 
     name = "fluency"
 
     def __init__(self, model=None, tokenizer=None):
-        self.model, self.tokenizer = model, tokenizer
+        self.reference = None if model is None else ReferenceModel(model, tokenizer)
 
-    def bind(self, model, tokenizer) -> None:
-        """Score with the env's LM unless a model was given."""
-        if self.model is None:
-            self.model, self.tokenizer = model, tokenizer
+    def bind(self, reference: ReferenceModel) -> None:
+        """Score with the env's reference unless a model was given."""
+        if self.reference is None:
+            self.reference = reference
 
     def __call__(self, prompts, responses, ref_logprobs=None, context_ids=None, response_ids=None,
                  **context) -> torch.Tensor:
@@ -173,12 +177,12 @@ class FluencyReward(Reward):
 
     def _score(self, prompts, responses, context_ids, response_ids) -> list[torch.Tensor]:
         """Reference log-probs of the response tokens: the env's exact tokens when given, else the encoded text."""
-        if self.model is None:
+        if self.reference is None:
             raise ValueError("FluencyReward needs context['ref_logprobs'] or an LM (model=, tokenizer=)")
         if context_ids is not None and response_ids is not None:
             prefixes, continuations = context_ids, response_ids
         else:
-            chat = has_chat_template(self.tokenizer)
-            prefixes = [encode_prompt(self.tokenizer, p, chat) for p in prompts]
-            continuations = [self.tokenizer(r, add_special_tokens=False).input_ids for r in responses]
-        return continuation_logprobs(self.model, prefixes, continuations, self.tokenizer.pad_token_id)
+            tokenizer = self.reference.tokenizer
+            prefixes = [encode_prompt(tokenizer, p, has_chat_template(tokenizer)) for p in prompts]
+            continuations = [tokenizer(r, add_special_tokens=False).input_ids for r in responses]
+        return self.reference.continuation_logprobs(prefixes, continuations)

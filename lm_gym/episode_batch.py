@@ -1,4 +1,4 @@
-"""The batched episode core: N token sequences of one causal LM, kept on the device.
+"""The episode batch: N token sequences of one causal LM, kept on the device.
 
 :class:`EpisodeBatch` holds each row's tokens (left-aligned), its length, a shared :class:`EpisodeCache`
 and the log-probabilities of the next token. Starting a row prefills its context in one forward;
@@ -15,7 +15,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from lm_gym.kv_cache import EpisodeCache
-from lm_gym.models import adapters_disabled
+from lm_gym.models import output_vocab_size
+from lm_gym.padding import mask_positions, pad_left
+from lm_gym.reference import ReferenceModel
 
 
 def cache_keyword(model) -> str:
@@ -27,59 +29,25 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def pad_left(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into ``(ids, attention_mask)`` tensors on ``device``."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into ``(ids, attention_mask)`` tensors on ``device`` (for label-shifted losses
-    and per-token tables, where position j of every row is its j-th token)."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def mask_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded rows: 0 at each row's first real token (padding gets 0 too)."""
-    return (mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
-def output_vocab_size(model) -> int:
-    """Rows of the model's output embedding: the size of the action space."""
-    return model.get_output_embeddings().weight.shape[0]
-
-
 class EpisodeBatch:
     """Token buffer, lengths, KV cache and next-token log-probs for ``num_rows`` episodes.
 
-    :param model: a causal LM (eval mode; gradients are not taken here).
+    :param model: a causal LM (eval mode; gradients are not taken here), or a
+        :class:`lm_gym.reference.ReferenceModel` to run the LM as the reference (its adapters off).
     :param num_rows: number of episodes stepped together.
     :param max_tokens: most tokens a row may hold.
     :param pad_token_id: id that fills unused positions (always masked).
     :param keep_hidden: also keep the last hidden state at every row's latest position (``next_hidden``),
         for value heads.
-    :param base_model: run the model with any PEFT adapters in it switched off (the env's LM is the
-        reference, also when a LoRA policy shares its weights).
     :param score: run the model at all; with False only the tokens are kept (no KV cache, no forwards)
         and ``next_logprobs`` stays NaN.
     """
 
     def __init__(self, model, num_rows: int, max_tokens: int, pad_token_id: int, keep_hidden: bool = False,
-                 base_model: bool = False, score: bool = True):
-        self.model, self.base_model, self.score = model, base_model, score
+                 score: bool = True):
+        self._run = model  # the forward: the LM's own, or the reference's (adapters off)
+        model = model.model if isinstance(model, ReferenceModel) else model
+        self.model, self.score = model, score
         self.device = model.device
         self.num_rows = num_rows
         self.max_tokens = max_tokens
@@ -163,12 +131,6 @@ class EpisodeBatch:
         self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         if self.keep_hidden:
             self.next_hidden = out.hidden_states[-1][:, -1].float()
-
-    def _run(self, **inputs):
-        if not self.base_model:
-            return self.model(**inputs)
-        with adapters_disabled(self.model):
-            return self.model(**inputs)
 
     def logprobs_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[i] | row i so far) under the model, for every row (NaN when not scoring)."""

@@ -8,6 +8,7 @@ LM answer as the other party between the agent's turns. Both Gymnasium envs are 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -15,75 +16,93 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from lm_gym.chat import TurnMarkers, encode_prompt, turn_markers
-from lm_gym.data.prompts import Prompt, PromptSampler, prompt_text, validate_prompt
-from lm_gym.episodes import EpisodeBatch, output_vocab_size
+from lm_gym.chat import TurnMarkers, encode_prompt, has_chat_template, turn_markers
+from lm_gym.config import EnvConfig
+from lm_gym.data.prompts import Prompt, PromptSampler, load_prompts, prompt_text, validate_prompt
+from lm_gym.episode_batch import EpisodeBatch
+from lm_gym.models import output_vocab_size, resolve_model
+from lm_gym.reference import ReferenceModel
+from lm_gym.rewards import as_reward, default_reward
 from lm_gym.rewards.base import Reward
+from lm_gym.sampling import sample_continuations
 
 
 @dataclass(frozen=True)
-class MultiTurn:
-    """Settings of the dialogue mode: the agent writes a turn, the env's LM answers as ``reply_role``.
+class TurnEnd:
+    """The record of an agent turn that just ended: the texts the reward scored and its components.
 
-    :param max_turns: agent turns per episode; the episode terminates after the last one.
-    :param context_tokens: the whole context budget (observation length); the episode is truncated
-        when the next turn no longer fits.
-    :param reply_role: chat role of the other party.
-    :param reply_temperature: sampling temperature of the other party (0 = greedy).
-    :param max_reply_tokens: longest reply of the other party.
+    Made in one place (:meth:`TokenEpisodes.step`) and turned into info entries in one place (:meth:`info`).
     """
 
-    max_turns: int = 3
-    context_tokens: int = 512
-    reply_role: str = "user"
-    reply_temperature: float = 0.7
-    max_reply_tokens: int = 48
+    prompt_text: str
+    response_text: str
+    reward_components: dict[str, float]
+    turns: list[dict] | None = None  # multi-turn: the dialogue so far, one {"role", "text"} per turn
 
-    def __post_init__(self):
-        if self.max_turns < 1 or self.context_tokens < 2 or self.max_reply_tokens < 1:
-            raise ValueError(f"max_turns, context_tokens and max_reply_tokens must be positive: {self}")
-        if self.reply_temperature < 0:
-            raise ValueError(f"reply_temperature must be >= 0, got {self.reply_temperature}")
+    def info(self) -> dict:
+        """The entries this record adds to the Gymnasium (and SB3) info of the step that ended the turn."""
+        info = {"prompt_text": self.prompt_text, "response_text": self.response_text,
+                "reward_components": dict(self.reward_components)}
+        if self.turns is not None:
+            info["turns"] = [dict(turn) for turn in self.turns]
+        return info
 
 
 class StepResult(NamedTuple):
-    """What one step gives per row: reference log-prob, reward, flags, and infos of rows that ended a turn."""
+    """What one step gives per row: reference log-prob, reward, flags, and the record of each ended turn.
+
+    ``turn_ends[i]`` is not None exactly where row i's reward was computed at this step (the token that
+    carries the reward); ``reward[i]`` is 0 elsewhere.
+    """
 
     ref_logprob: torch.Tensor
     reward: torch.Tensor
     terminated: torch.Tensor
     truncated: torch.Tensor
-    infos: list[dict]
+    turn_ends: list[TurnEnd | None]
 
 
 class TokenEpisodes:
     """N episodes of the token-level LM task over one :class:`EpisodeBatch` (see the module docstring).
 
-    Keywords are those of :class:`lm_gym.LanguageModelEnv`, already resolved (loaded model, sampler, reward).
+    :param config: the env's settings.
+    :param num_rows: number of episodes stepped together.
+    :param reference: the env's LM as the reference model (it scores tokens during steps, the reward binds to it).
+    :param prompts: the prompt sampler.
+    :param reward: the reward, already bound to ``reference``.
+    :param stop_token_ids: the tokens that end a turn.
+
+    :meth:`from_config` loads the model and builds all of these from the settings.
     """
 
-    def __init__(
-        self, model, tokenizer, num_rows: int, prompts: PromptSampler, reward: Reward, *,
-        max_new_tokens: int, max_prompt_tokens: int, use_chat_template: bool,
-        stop_token_ids: Sequence[int], truncate_prompt: str | None, multi_turn: MultiTurn | None,
-        allowed_token_ids: Sequence[int] | None = None, reference_logprobs: bool = True,
-    ):
-        self.tokenizer, self.prompts, self.reward = tokenizer, prompts, reward
-        self.reference_logprobs = reference_logprobs
-        self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
-        self.use_chat_template, self.truncate_prompt, self.multi_turn = use_chat_template, truncate_prompt, multi_turn
-        self.vocab_size = output_vocab_size(model)
-        self.obs_length = multi_turn.context_tokens if multi_turn else max_prompt_tokens + max_new_tokens
-        self.batch = EpisodeBatch(model, num_rows, self.obs_length, tokenizer.pad_token_id, base_model=True,
-                                  score=reference_logprobs)
+    def __init__(self, config: EnvConfig, num_rows: int, reference: ReferenceModel, prompts: PromptSampler,
+                 reward: Reward, stop_token_ids: Sequence[int]):
+        self.config, self.reference, self.prompts, self.reward = config, reference, prompts, reward
+        self.tokenizer = reference.tokenizer
+        self.reference_logprobs, self.multi_turn = config.reference_logprobs, config.multi_turn
+        self.use_chat_template = _use_chat_template(config.use_chat_template, self.tokenizer)
+        self.vocab_size = output_vocab_size(reference.model)
+        self.obs_length = config.obs_length
+        self.batch = EpisodeBatch(reference, num_rows, self.obs_length, self.tokenizer.pad_token_id,
+                                  score=config.reference_logprobs)
         self.device = self.batch.device
         self.stop_token_ids = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
-        self.markers = self._markers() if multi_turn else None
-        self.allowed = allowed_mask(allowed_token_ids, self.vocab_size)
+        self.markers = self._markers() if self.multi_turn else None
+        self.allowed = allowed_mask(config.allowed_token_ids, self.vocab_size)
         self.ref_logprobs = torch.zeros(num_rows, self.obs_length, device=self.device)
         self.turn_start = torch.zeros(num_rows, dtype=torch.long, device=self.device)
         self.turns: list[list[dict]] = [[] for _ in range(num_rows)]
         self.reply_generators: list[torch.Generator | None] = [None] * num_rows
+
+    @classmethod
+    def from_config(cls, config: EnvConfig, num_rows: int) -> TokenEpisodes:
+        """Load the model and resolve the prompts, the reward and the stop tokens of ``config``."""
+        model, tokenizer = resolve_model(config.model, config.tokenizer, config.device, config.dtype)
+        reference = ReferenceModel(model, tokenizer)
+        reward = as_reward(config.reward) if config.reward is not None else default_reward()
+        reward.bind(reference)
+        stop_token_ids = resolve_stop_tokens(tokenizer, model, config.stop_token_ids)
+        return cls(config, num_rows, reference, load_prompts(config.prompts), reward, stop_token_ids)
 
     def _markers(self) -> TurnMarkers:
         stop_text = self.tokenizer.decode(self.stop_token_ids[:1].tolist())
@@ -107,14 +126,15 @@ class TokenEpisodes:
 
     def _encode(self, prompt: Prompt) -> list[int]:
         ids = encode_prompt(self.tokenizer, prompt, self.use_chat_template)
-        if len(ids) <= self.max_prompt_tokens:
+        limit, truncate = self.config.max_prompt_tokens, self.config.truncate_prompt
+        if len(ids) <= limit:
             return ids
-        if self.truncate_prompt == "left":
-            return ids[-self.max_prompt_tokens :]
-        if self.truncate_prompt == "right":
-            return ids[: self.max_prompt_tokens]
+        if truncate == "left":
+            return ids[-limit:]
+        if truncate == "right":
+            return ids[:limit]
         raise ValueError(
-            f"the prompt is {len(ids)} tokens long, more than max_prompt_tokens={self.max_prompt_tokens}: "
+            f"the prompt is {len(ids)} tokens long, more than max_prompt_tokens={limit}: "
             f"{prompt_text(prompt)!r:.120}. Raise max_prompt_tokens, shorten the prompt, "
             "or pass truncate_prompt='left' or 'right' to cut it explicitly."
         )
@@ -134,21 +154,21 @@ class TokenEpisodes:
         self.ref_logprobs[rows, batch.lengths[rows]] = ref[rows]
         length = batch.lengths + 1
         stop = torch.isin(actions, self.stop_token_ids)
-        limit = (length - self.turn_start >= self.max_new_tokens) | (length >= self.obs_length)
+        limit = (length - self.turn_start >= self.config.max_new_tokens) | (length >= self.obs_length)
         turn_over = active & (stop | limit)
         batch.append(actions, record=active, forward=active & ~turn_over)
         reward = torch.zeros(batch.num_rows, device=self.device)
         terminated = active & stop if not self.multi_turn else torch.zeros_like(active)
         truncated = turn_over & ~stop if not self.multi_turn else torch.zeros_like(active)
-        infos: list[dict] = [{} for _ in range(batch.num_rows)]
+        turn_ends: list[TurnEnd | None] = [None] * batch.num_rows
         ended = turn_over.nonzero().squeeze(1).tolist()
         if ended:
-            self._score(ended, reward, infos)
+            self._score(ended, reward, turn_ends)
             if self.multi_turn:
-                self._next_turns(ended, stop, terminated, truncated, infos)
-        return StepResult(ref, reward, terminated, truncated, infos)
+                self._next_turns(ended, stop, terminated, truncated, turn_ends)
+        return StepResult(ref, reward, terminated, truncated, turn_ends)
 
-    def _score(self, rows: list[int], reward: torch.Tensor, infos: list[dict]) -> None:
+    def _score(self, rows: list[int], reward: torch.Tensor, turn_ends: list) -> None:
         """Decode the finished turns of ``rows`` once and score them in one reward call."""
         responses, response_ids, context_ids, ref_logprobs, stopped = [], [], [], [], []
         stop_ids = self.stop_token_ids.tolist()
@@ -169,11 +189,8 @@ class TokenEpisodes:
         reward[rows] = output.total.to(self.device)
         for j, row in enumerate(rows):
             self.turns[row].append({"role": "assistant", "text": responses[j]})
-            infos[row].update(
-                prompt_text=prompts[j],
-                response_text=responses[j],
-                reward_components={name: float(values[j]) for name, values in output.components.items()},
-            )
+            components = {name: float(values[j]) for name, values in output.components.items()}
+            turn_ends[row] = TurnEnd(prompts[j], responses[j], components)
 
     def decode_response(self, ids: list[int]) -> str:
         """Response text: the tokens without a final stop token, special tokens skipped."""
@@ -183,11 +200,11 @@ class TokenEpisodes:
 
     # --- multi-turn ----------------------------------------------------------------------------------
 
-    def _next_turns(self, rows, stop, terminated, truncated, infos) -> None:
+    def _next_turns(self, rows, stop, terminated, truncated, turn_ends) -> None:
         """After agent turns end: terminate after the last turn, truncate when the budget is spent, else reply."""
         replying, contexts = [], []
         for row in rows:
-            infos[row]["turns"] = [dict(turn) for turn in self.turns[row]]
+            turn_ends[row] = dataclasses.replace(turn_ends[row], turns=[dict(turn) for turn in self.turns[row]])
             agent_turns = sum(turn["role"] == "assistant" for turn in self.turns[row])
             if agent_turns >= self.multi_turn.max_turns:
                 terminated[row] = True
@@ -208,7 +225,7 @@ class TokenEpisodes:
     def _reply(self, rows: list[int], contexts: list[tuple[list[int], int]]) -> None:
         """Let the LM write the other party's turn for ``rows`` (batched), then prefill the extended contexts."""
         replies = sample_continuations(
-            self.batch.model, [context for context, _ in contexts], [limit for _, limit in contexts],
+            self.reference, [context for context, _ in contexts], [limit for _, limit in contexts],
             [self.reply_generators[row] for row in rows], self.multi_turn.reply_temperature,
             self.stop_token_ids, self.tokenizer.pad_token_id, self.obs_length,
         )
@@ -248,44 +265,6 @@ def allowed_mask(allowed_token_ids: Sequence[int] | None, vocab_size: int) -> np
     return mask
 
 
-@torch.no_grad()
-def sample_continuations(
-    model, contexts: list[list[int]], limits: list[int], generators: list[torch.Generator],
-    temperature: float, stop_token_ids: torch.Tensor, pad_token_id: int, max_tokens: int,
-) -> list[list[int]]:
-    """Sample one continuation per context (batched, KV-cached), each row with its own generator.
-
-    Each continuation ends with a stop token or after ``limits[i]`` tokens. Rows draw their Gumbel noise
-    from their own generator, so a row's text does not depend on which other rows share the batch.
-    """
-    batch = EpisodeBatch(model, len(contexts), max_tokens, pad_token_id, base_model=True)
-    batch.prefill(range(len(contexts)), contexts)
-    outputs: list[list[int]] = [[] for _ in contexts]
-    running = torch.ones(len(contexts), dtype=torch.bool, device=batch.device)
-    limit = torch.as_tensor(limits, device=batch.device)
-    for step in range(max(limits)):
-        tokens = _sample(batch.next_logprobs, temperature, generators, running)
-        for row in running.nonzero().squeeze(1).tolist():
-            outputs[row].append(int(tokens[row]))
-        finished = running & (torch.isin(tokens, stop_token_ids) | (step + 1 >= limit))
-        batch.append(tokens, record=running, forward=running & ~finished)
-        running &= ~finished
-        if not bool(running.any()):
-            break
-    return outputs
-
-
-def _sample(logprobs: torch.Tensor, temperature: float, generators, running: torch.Tensor) -> torch.Tensor:
-    """Gumbel-max sampling at ``temperature``; only running rows draw noise from their generators."""
-    if temperature == 0:
-        return logprobs.argmax(dim=-1)
-    noise = torch.zeros_like(logprobs)
-    for row in running.nonzero().squeeze(1).tolist():
-        uniform = torch.rand(logprobs.shape[1], generator=generators[row], device=logprobs.device)
-        noise[row] = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))
-    return (logprobs / temperature + noise).argmax(dim=-1)
-
-
 def resolve_stop_tokens(tokenizer, model, stop_token_ids) -> list[int]:
     """The stop tokens: those given, else the tokenizer's EOS plus the generation config's EOS ids."""
     if stop_token_ids is not None:
@@ -299,3 +278,23 @@ def resolve_stop_tokens(tokenizer, model, stop_token_ids) -> list[int]:
     return ids
 
 
+
+
+def _use_chat_template(setting: bool | None, tokenizer) -> bool:
+    """Whether to format prompts with the chat template: the setting, or whether the tokenizer has one."""
+    if setting is None:
+        return has_chat_template(tokenizer)
+    if setting and not has_chat_template(tokenizer):
+        raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+    return bool(setting)
+
+
+def step_infos(result: StepResult, with_ref_logprob: bool) -> list[dict]:
+    """The Gymnasium info dict of every row after a step: ``ref_logprob`` (when the env scores tokens during
+    steps) and, where a turn ended, its record's entries (:meth:`TurnEnd.info`)."""
+    ref = result.ref_logprob.double().cpu().tolist() if with_ref_logprob else None
+    infos = []
+    for row, turn_end in enumerate(result.turn_ends):
+        info = {} if ref is None else {"ref_logprob": ref[row]}
+        infos.append(info if turn_end is None else {**info, **turn_end.info()})
+    return infos

@@ -1,0 +1,129 @@
+"""The settings of a language-model env, in one frozen, validated object shared by every env and adapter.
+
+:class:`EnvConfig` is what ``gymnasium.make("LanguageModelEnv-v0", **keywords)``, the vector env, the SB3
+``VecEnv`` and the RL library adapters all build from; :class:`MultiTurn` holds the dialogue mode's settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class MultiTurn:
+    """Settings of the dialogue mode: the agent writes a turn, the env's LM answers as ``reply_role``.
+
+    :param max_turns: agent turns per episode; the episode terminates after the last one.
+    :param context_tokens: the whole context budget (observation length); the episode is truncated
+        when the next turn no longer fits.
+    :param reply_role: chat role of the other party.
+    :param reply_temperature: sampling temperature of the other party (0 = greedy).
+    :param max_reply_tokens: longest reply of the other party.
+    """
+
+    max_turns: int = 3
+    context_tokens: int = 512
+    reply_role: str = "user"
+    reply_temperature: float = 0.7
+    max_reply_tokens: int = 48
+
+    def __post_init__(self):
+        if self.max_turns < 1 or self.context_tokens < 2 or self.max_reply_tokens < 1:
+            raise ValueError(f"max_turns, context_tokens and max_reply_tokens must be positive: {self}")
+        if self.reply_temperature < 0:
+            raise ValueError(f"reply_temperature must be >= 0, got {self.reply_temperature}")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Everything that defines a language-model env (the keywords of :class:`lm_gym.LanguageModelEnv`).
+
+    :param model: ``"default"`` (SmolLM2-135M-Instruct), ``"tiny"``, a directory, a hub id, or a loaded model.
+    :param tokenizer: the tokenizer, required with a loaded model unless it can be loaded from its
+        ``name_or_path``.
+    :param prompts: a list of prompts (strings or chat message lists), a ``.txt``/``.jsonl`` file, a callable
+        ``fn(np_random) -> prompt``, or ``None`` for the 240 shipped default prompts.
+    :param reward: a :class:`lm_gym.rewards.Reward` or any callable ``(prompts, responses, **context) ->
+        scores``; default ``BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=0.5)``. The reward
+        context carries ``response_ids``, ``context_ids`` (the tokens before the response), ``ref_logprobs``
+        (per-token reference log-probs, or None with ``reference_logprobs=False``) and ``stopped``.
+    :param max_new_tokens: response length limit in tokens (per agent turn in multi-turn mode). A
+        ``gymnasium.make(..., max_episode_steps=K)`` with K below it cuts episodes before the reward step
+        (the env warns at the first reset).
+    :param max_prompt_tokens: prompt length limit, chat formatting included.
+    :param use_chat_template: format prompts with the tokenizer's chat template; default on when it has one.
+    :param stop_token_ids: tokens that end the response; default the EOS token(s).
+    :param truncate_prompt: ``None`` (too-long prompts raise), ``"left"`` or ``"right"`` (cut that side).
+    :param multi_turn: ``None`` for single-turn episodes, or :class:`MultiTurn` settings (or a dict of them).
+    :param allowed_token_ids: restrict the actions to these token ids (other ids raise); ``action_masks()``
+        then marks them, for maskable policies. ``None``: every token is allowed.
+    :param reference_logprobs: when the reference scores the agent's tokens. ``True``: during the steps, one
+        token at a time through a KV cache (``info["ref_logprob"]`` and the reward context's
+        ``ref_logprobs``). ``False``: the env's LM does not run during steps at all (the env only keeps
+        tokens); whoever needs reference log-probs scores the finished response once, in one forward
+        (``LMPPO`` and ``FluencyReward`` do, with the env's ``reference``).
+    :param device: device of the LM; default CUDA when available.
+    :param dtype: dtype of the LM when loaded here; default float32.
+    """
+
+    model: Any = "default"
+    tokenizer: Any = None
+    prompts: Any = None
+    reward: Any = None
+    max_new_tokens: int = 48
+    max_prompt_tokens: int = 128
+    use_chat_template: bool | None = None
+    stop_token_ids: Any = None
+    truncate_prompt: str | None = None
+    multi_turn: MultiTurn | dict | None = None
+    allowed_token_ids: Any = None
+    reference_logprobs: bool = True
+    device: str | torch.device | None = None
+    dtype: torch.dtype | str | None = None
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.truncate_prompt not in (None, "left", "right"):
+            raise ValueError(f"truncate_prompt={self.truncate_prompt!r}; expected None, 'left' or 'right'")
+        if isinstance(self.multi_turn, dict):
+            object.__setattr__(self, "multi_turn", MultiTurn(**self.multi_turn))
+        if self.multi_turn is not None and not isinstance(self.multi_turn, MultiTurn):
+            raise TypeError(f"multi_turn={self.multi_turn!r:.80}; expected None, a MultiTurn or a dict of its fields")
+        if self.multi_turn is not None and self.multi_turn.context_tokens <= self.max_prompt_tokens:
+            raise ValueError(
+                f"multi_turn.context_tokens={self.multi_turn.context_tokens} leaves no room after "
+                f"max_prompt_tokens={self.max_prompt_tokens}"
+            )
+        if not isinstance(self.reference_logprobs, (bool, np.bool_)):
+            raise TypeError(f"reference_logprobs must be True or False, got {self.reference_logprobs!r}")
+
+    @classmethod
+    def of(cls, config: EnvConfig | None = None, **settings: Any) -> EnvConfig:
+        """``config`` (default: the defaults) with ``settings`` replacing its fields; unknown names raise."""
+        if config is not None and not isinstance(config, EnvConfig):
+            raise TypeError(
+                f"config={config!r:.80} is not an EnvConfig; pass env settings by keyword, e.g. model='tiny'"
+            )
+        unknown = set(settings) - set(cls.field_names())
+        if unknown:
+            raise TypeError(f"unknown env settings {sorted(unknown)}; expected among {list(cls.field_names())}")
+        return dataclasses.replace(config or cls(), **settings)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of the settings, in order."""
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @property
+    def obs_length(self) -> int:
+        """Observation length L: ``max_prompt_tokens + max_new_tokens``, or the multi-turn context budget."""
+        return self.multi_turn.context_tokens if self.multi_turn else self.max_prompt_tokens + self.max_new_tokens

@@ -1,0 +1,89 @@
+"""The reference model π_ref: one object, made once, handed to everything that scores with it.
+
+An env makes its :class:`ReferenceModel` from its LM when it is built and hands it to its episode batch (which
+scores tokens during steps), to its reward (:meth:`lm_gym.rewards.Reward.bind`: the LM judge, fluency, the LM
+encoder) and, through ``env.reference``, to ``LMPPO``. Outside an env, ``LMPPO`` makes one from the policy:
+the base weights with the LoRA adapters off, or a frozen copy of the initial LM.
+
+When tokens are scored: an env made with ``reference_logprobs=True`` (the default) scores every token as it
+is taken, one token per step through its KV cache (``info["ref_logprob"]``, the reward context's
+``ref_logprobs``). With ``reference_logprobs=False`` the env's LM does not run during steps, and whoever needs
+reference log-probs scores each finished response once, in one batched forward of this same object
+(:meth:`ReferenceModel.continuation_logprobs`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lm_gym.models import adapters_disabled
+from lm_gym.padding import mask_positions, pad_left
+
+
+class ReferenceModel:
+    """A causal LM run as the frozen reference: any PEFT adapters in it are off, no gradients are taken.
+
+    When a LoRA policy shares its base weights (its adapters sit inside the same modules), this is those base
+    weights: one copy in memory for policy and reference.
+
+    :param model: the causal LM (possibly holding PEFT adapters).
+    :param tokenizer: its tokenizer (the pad id pads batches).
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @classmethod
+    def frozen_copy(cls, model, tokenizer) -> ReferenceModel:
+        """A reference that is a frozen copy of ``model`` as it is now (for full fine-tuning)."""
+        return cls(copy.deepcopy(model).requires_grad_(False).eval(), tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model."""
+        return self.model.device
+
+    def __call__(self, **inputs):
+        """The model's forward with its adapters off and without gradients."""
+        with torch.no_grad(), adapters_disabled(self.model):
+            return self.model(**inputs)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
+        return self(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False, **kwargs)
+
+    def continuation_logprobs(
+        self, prefixes: list[list[int]], continuations: list[list[int]], batch_size: int = 16
+    ) -> list[torch.Tensor]:
+        """log π_ref(continuation token | prefix, earlier continuation tokens) per pair (float32, on the host),
+        ``batch_size`` pairs per forward."""
+        results = []
+        for start in range(0, len(prefixes), batch_size):
+            chunk = list(zip(prefixes[start : start + batch_size], continuations[start : start + batch_size]))
+            ids, mask = pad_left([p + c for p, c in chunk], self.tokenizer.pad_token_id, self.device)
+            logprobs = torch.log_softmax(self._forward(ids, mask).logits[:, :-1].float(), dim=-1)
+            targets = logprobs.gather(2, ids[:, 1:, None]).squeeze(2)
+            for row, (_, continuation) in enumerate(chunk):
+                results.append(targets[row, targets.shape[1] - len(continuation) :].cpu() if continuation
+                               else torch.zeros(0))
+        return results
+
+    def next_token_logprobs(self, contexts: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+        """(B, V) float32 log π_ref of the token after each context, ``batch_size`` contexts per forward."""
+        rows = []
+        for start in range(0, len(contexts), batch_size):
+            ids, mask = pad_left(contexts[start : start + batch_size], self.tokenizer.pad_token_id, self.device)
+            logits = self._forward(ids, mask, logits_to_keep=1).logits[:, -1].float()
+            rows.append(torch.log_softmax(logits, dim=-1))
+        return torch.cat(rows)
+
+    def mean_hidden_states(self, sequences: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+        """(B, H) float32 mean over tokens of the last hidden states (padding excluded)."""
+        rows = []
+        for start in range(0, len(sequences), batch_size):
+            ids, mask = pad_left(sequences[start : start + batch_size], self.tokenizer.pad_token_id, self.device)
+            hidden = self._forward(ids, mask, output_hidden_states=True).hidden_states[-1].float()
+            weights = mask[..., None].float()
+            rows.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+        return torch.cat(rows)
