@@ -2,29 +2,39 @@
 
 The LM head gives the action logits (divided by ``temperature``: the same logits for sampling and for
 log-probs); a value head on a last hidden state gives V(s). The stable-baselines3 policies
-(:mod:`agents.policy`) and the RLlib, TorchRL and Tianshou adapters (:mod:`lm_gym.integrations`) are thin
+(:mod:`agents.policy`) and the RLlib, TorchRL and Tianshou adapters (:mod:`agents.integrations`) are thin
 shells around one :class:`TransformerActorCritic`.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from agents.cached_lm import CachedLM
+from agents.rollout_cache import RolloutCache, full_forward
 from lm_gym.models import resolve_model
 
 PARTS = ("body", "head", "value")
 
 
+class Evaluation(NamedTuple):
+    """What :meth:`TransformerActorCritic.evaluate` gives at the last ``keep`` positions of each sequence."""
+
+    logits: torch.Tensor | None  # (B, keep, V) float32 action logits, already divided by the temperature
+    values: torch.Tensor  # (B, keep) V(s)
+    hidden: torch.Tensor  # (B, keep, H) the critic's last hidden states (V = values_of(hidden))
+
+
 class TransformerActorCritic(nn.Module):
     """A causal LM read as π(·|s) at the latest token, and a linear value head V(s).
 
-    Observations are left-padded ``(ids, mask)`` batches whose last column is the latest token. Without
-    gradients (rollouts) :meth:`read_latest` runs only new tokens through a KV cache; with gradients every
-    call is a full forward. Dropout stays off in train mode.
+    Observations are left-padded ``(ids, mask)`` batches whose last column is the latest token. Two ways in:
+    :meth:`act` (rollouts: the latest position, only new tokens through a caller's
+    :class:`agents.rollout_cache.RolloutCache`) and :meth:`evaluate` (training: given positions, one full
+    forward). Dropout stays off in train mode.
 
     :param lm: the policy's causal LM (possibly PEFT-wrapped).
     :param tokenizer: its tokenizer (the pad id pads batches).
@@ -39,8 +49,6 @@ class TransformerActorCritic(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.lm, self.value_backbone, self.tokenizer, self.temperature = lm, value_backbone, tokenizer, temperature
-        self.policy_lm = CachedLM(lm, tokenizer.pad_token_id)
-        self.value_lm = None if value_backbone is None else CachedLM(value_backbone, tokenizer.pad_token_id)
         hidden = (value_backbone or lm).config.get_text_config().hidden_size
         self.value_net_head = nn.Linear(hidden, 1).to(lm.device)
         with torch.no_grad():
@@ -69,59 +77,47 @@ class TransformerActorCritic(nn.Module):
             backbone.requires_grad_(True)
         return cls(lm, tokenizer, backbone, value_init, temperature)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int, actor: bool = True):
-        """:meth:`read_positions` (the training forward, which ``DistributedDataParallel`` wraps)."""
-        return self.read_positions(ids, mask, keep, actor)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1, actor: bool = True) -> Evaluation:
+        """:meth:`evaluate` (the training forward, which ``DistributedDataParallel`` wraps)."""
+        return self.evaluate(ids, mask, keep, actor)
 
-    def read_latest(self, ids: torch.Tensor, mask: torch.Tensor, values: bool = True):
-        """(action logits (B, V), values (B, 1) or None) at the latest position of each observation.
+    def act(self, ids: torch.Tensor, mask: torch.Tensor, cache: RolloutCache, values: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rollouts: (action logits (B, V), values (B,) or None) at the latest position of each observation.
 
-        Without gradients through the incremental KV cache; with gradients, a full forward.
-        ``values=False`` skips a separate critic's forward (values None), for callers that score it later.
+        Without gradients, through ``cache`` (only each row's new token runs); with gradients, a full forward
+        (:meth:`evaluate`). ``values=False`` skips a separate critic's forward, for callers that score it later.
         """
         if torch.is_grad_enabled():
-            logits, value = self.read_positions(ids, mask, keep=1)
-            return logits[:, -1], value[:, -1:]
-        logits, hidden = self.policy_lm.incremental(ids, mask)
-        if self.value_lm is not None:
+            logits, value, _ = self.evaluate(ids, mask)
+            return logits[:, -1], value[:, -1]
+        logits, hidden = cache.latest(self.lm, self.tokenizer.pad_token_id, ids, mask)
+        if self.value_backbone is not None:
             if not values:
                 return logits / self.temperature, None
-            hidden = self.value_lm.incremental(ids, mask)[1]
-        return logits / self.temperature, self.value_net_head(hidden)
+            hidden = cache.latest(self.value_backbone, self.tokenizer.pad_token_id, ids, mask)[1]
+        return logits / self.temperature, self.values_of(hidden)
 
-    def read_positions(self, ids: torch.Tensor, mask: torch.Tensor, keep: int, actor: bool = True):
-        """(action logits (B, keep, V), values (B, keep)) at the last ``keep`` positions, in one forward.
+    def evaluate(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1, actor: bool = True,
+                 logits: bool = True) -> Evaluation:
+        """Training: logits, values and the critic's hidden states at the last ``keep`` positions, in one full
+        forward of each backbone (see :class:`Evaluation`).
 
-        With ``actor=False`` the policy LM runs without gradients (only the critic can learn).
+        With ``actor=False`` the policy LM runs without gradients (only the critic can learn); with
+        ``logits=False`` only the critic's backbone runs (logits None).
         """
-        logits, hidden = self._logits_and_hidden(ids, mask, keep, actor)
-        return logits, self.values_of(hidden)
-
-    def read_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(action logits (B, V), the critic's last hidden state (B, H)) at the latest position, one forward
-        per backbone; :meth:`values_of` turns the hidden state into V(s) without another forward."""
-        logits, hidden = self._logits_and_hidden(ids, mask, keep=1)
-        return logits[:, -1], hidden[:, -1]
-
-    def _logits_and_hidden(self, ids, mask, keep: int, actor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits / temperature (B, keep, V), the critic's hidden states (B, keep, H)): one full forward of
-        each backbone."""
-        with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
-            logits, hidden = self.policy_lm.full(ids, mask, keep)
-        if self.value_lm is not None:
-            hidden = self.value_lm.full(ids, mask, keep)[1]
-        return logits / self.temperature, hidden
+        action_logits = None
+        if logits or self.value_backbone is None:
+            with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
+                action_logits, hidden = full_forward(self.lm, ids, mask, keep)
+            action_logits = action_logits / self.temperature if logits else None
+        if self.value_backbone is not None:
+            hidden = full_forward(self.value_backbone, ids, mask, keep)[1]
+        return Evaluation(action_logits, self.values_of(hidden), hidden)
 
     def values_of(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s) (...) from the critic's hidden states (..., H)."""
         return self.value_net_head(hidden)[..., 0]
-
-    def final_values(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> torch.Tensor:
-        """V at the last ``keep`` positions of each sequence, (B,) for ``keep=1`` else (B, keep), in one full
-        forward of the critic's backbone only."""
-        hidden = (self.value_lm or self.policy_lm).full(ids, mask, keep=keep)[1]
-        values = self.values_of(hidden)
-        return values[:, -1] if keep == 1 else values
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The trainable parameters by part: LM ``body``, LM ``head`` (output embedding) and ``value``."""
@@ -136,19 +132,12 @@ class TransformerActorCritic(nn.Module):
             "value": value,
         }
 
-    def reset_cache(self) -> None:
-        """Forget the rollout caches (the weights changed)."""
-        self.policy_lm.reset_cache()
-        if self.value_lm is not None:
-            self.value_lm.reset_cache()
-
     def train(self, mode: bool = True) -> "TransformerActorCritic":
-        """Switch modes; dropout stays off in the LMs, and the rollout caches are dropped."""
+        """Switch modes; dropout stays off in the LMs."""
         super().train(mode)
         self.lm.eval()
         if self.value_backbone is not None:
             self.value_backbone.eval()
-        self.reset_cache()
         return self
 
 

@@ -14,6 +14,7 @@ import gymnasium as gym
 import torch
 
 import lm_gym
+from lm_gym.sampling import sample_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,16 +62,16 @@ def _add_train(commands) -> None:
 
 
 def _add_config_flags(parser, config_class, skip=()) -> None:
-    """One flag per field of a config dataclass (default None: not given)."""
+    """One flag per field of a config dataclass (default None: not given), with its meaning and default."""
     for field in dataclasses.fields(config_class):
         if field.name in skip:
             continue
         flag, kind = f"--{field.name.replace('_', '-')}", str(field.type).split(" ")[0]
+        meaning = config_class.HELP[field.name] + ("" if field.default is None else f" (default {field.default!r})")
         if kind == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=f"default {field.default!r}")
+            parser.add_argument(flag, action="store_true", default=None, help=meaning)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None,
-                                help=f"default {field.default!r}")
+            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=meaning)
 
 
 def _add_rlhf(commands) -> None:
@@ -150,8 +151,8 @@ def run_generate(args: argparse.Namespace) -> int:
     env.reset(seed=args.seed, options={"prompt": args.prompt})
     done = False
     while not done:
-        probs = torch.softmax(env.next_token_logprobs() / args.temperature, dim=-1)
-        _, _, terminated, truncated, info = env.step(int(torch.multinomial(probs, 1, generator=generator)))
+        token, _ = sample_tokens(env.next_token_logprobs()[None], args.temperature, generators=[generator])
+        _, _, terminated, truncated, info = env.step(int(token[0]))
         done = terminated or truncated
     print(info["response_text"].strip())
     return 0
@@ -203,8 +204,8 @@ def run_rollout(args: argparse.Namespace) -> int:
             if args.policy == "random":
                 action = int(env.action_space.sample())
             else:
-                probs = torch.softmax(base.next_token_logprobs() / args.temperature, dim=-1)
-                action = int(torch.multinomial(probs, 1, generator=generator))
+                token, _ = sample_tokens(base.next_token_logprobs()[None], args.temperature, generators=[generator])
+                action = int(token[0])
             obs, reward, terminated, truncated, info = env.step(action)
             total_tokens += 1
             done = terminated or truncated

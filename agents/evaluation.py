@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from agents.policy import observation_tokens
 from agents.ppo import LMPPO, obs_to_tensors
+from agents.rollout_cache import RolloutCache
+from lm_gym.sampling import sample_tokens
 from lm_gym.sb3 import SB3VecEnv
 
 
@@ -21,13 +24,12 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
     env.seed(seed)
     env.set_options([{"prompt": prompt} for prompt in prompts])
     obs = env.reset()
-    done = np.zeros(env.num_envs, dtype=bool)
+    done, cache = np.zeros(env.num_envs, dtype=bool), RolloutCache()
     rewards, kl, infos = np.zeros(env.num_envs), np.zeros(env.num_envs), [None] * env.num_envs
     while not done.all():
-        logits, _ = agent.policy.read_latest(obs_to_tensors(obs, agent.device), values=False)
-        distribution = torch.distributions.Categorical(logits=logits)
-        actions = distribution.sample()
-        logprobs = distribution.log_prob(actions).cpu().numpy()
+        logits, _ = agent.actor_critic.act(*observation_tokens(obs_to_tensors(obs, agent.device)), cache, values=False)
+        actions, logprobs = sample_tokens(logits)
+        logprobs = logprobs.cpu().numpy()
         obs, step_rewards, dones, step_infos = env.step(actions.cpu().numpy())
         for row in np.flatnonzero(~done):
             kl[row] += logprobs[row] - step_infos[row]["ref_logprob"]

@@ -13,10 +13,10 @@ import torch
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
-from torch import nn
 
 from agents.actor_critic import PARTS, TransformerActorCritic
 from agents.reward_model import critic_start
+from agents.rollout_cache import RolloutCache
 
 
 def scaled_lr(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
@@ -87,6 +87,7 @@ class TransformerPolicyMixin:
     def _build(self, lr_schedule) -> None:
         """Take the networks, and build the optimizer over LM body, LM head and value head with their own rates."""
         self.actor_critic = self.__dict__.pop("_networks")["actor_critic"]
+        self.rollout_cache = RolloutCache()  # SB3's loops act through forward(), which tells no episode ends
         base = lr_schedule(1)
         rates = {part: (self.transformer_kwargs["learning_rates"] or {}).get(part, base) for part in PARTS}
         groups = [
@@ -94,53 +95,26 @@ class TransformerPolicyMixin:
             for part, params in self.actor_critic.parameter_groups().items() if params
         ]
         kwargs = dict(self.optimizer_kwargs)
-        if self.optimizer_class in (torch.optim.Adam, torch.optim.AdamW) and self.lm.device.type in ("cpu", "cuda"):
+        if self.optimizer_class in (torch.optim.Adam, torch.optim.AdamW) and self.actor_critic.lm.device.type in ("cpu", "cuda"):
             kwargs.setdefault("fused", True)  # one kernel for all parameters: 3x faster steps on a 135M model
         self.optimizer = scaled_lr(self.optimizer_class)(groups, lr=base, **kwargs)
 
-    # --- the parts and forward passes of the actor-critic ----------------------------------------------
+    # --- the two ways into the actor-critic ---------------------------------------------------------------
 
-    @property
-    def lm(self):
-        """The policy's causal LM."""
-        return self.actor_critic.lm
+    def _act(self, obs, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rollouts: (action logits (B, V), values (B, 1) or None) at the latest position, through the policy's
+        rollout cache (see :meth:`agents.actor_critic.TransformerActorCritic.act`)."""
+        logits, value = self.actor_critic.act(*observation_tokens(obs), self.rollout_cache, values)
+        return logits, None if value is None else value[:, None]
 
-    @property
-    def tokenizer(self):
-        """The policy LM's tokenizer."""
-        return self.actor_critic.tokenizer
-
-    @property
-    def temperature(self) -> float:
-        """π(a|s) = softmax(logits / temperature)."""
-        return self.actor_critic.temperature
-
-    @property
-    def value_net_head(self) -> nn.Linear:
-        """The linear value head."""
-        return self.actor_critic.value_net_head
-
-    @property
-    def value_lm(self):
-        """The separate critic's cached LM, or None with a shared value head."""
-        return self.actor_critic.value_lm
-
-    def read_latest(self, obs, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(action logits (B, V), values (B, 1)) at the latest position of a batch of dict observations; see
-        :meth:`agents.actor_critic.TransformerActorCritic.read_latest`."""
-        return self.actor_critic.read_latest(obs["input_ids"].long(), obs["attention_mask"].long(), values)
-
-    def read_positions(self, ids, mask, keep: int, actor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """See :meth:`agents.actor_critic.TransformerActorCritic.read_positions`."""
-        return self.actor_critic.read_positions(ids, mask, keep, actor)
-
-    def final_values(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> torch.Tensor:
-        """See :meth:`agents.actor_critic.TransformerActorCritic.final_values`."""
-        return self.actor_critic.final_values(ids, mask, keep)
+    def _evaluate_latest(self, obs, logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Training: (action logits (B, V) or None, values (B, 1)) at the latest position, one full forward."""
+        evaluation = self.actor_critic.evaluate(*observation_tokens(obs), logits=logits)
+        return None if evaluation.logits is None else evaluation.logits[:, -1], evaluation.values[:, -1:]
 
     def predict_values(self, obs) -> torch.Tensor:
-        """V(s) for a batch of observations."""
-        return self.read_latest(obs)[1]
+        """V(s) (B, 1) for a batch of observations (one forward of the critic's backbone, no cache)."""
+        return self._evaluate_latest(obs, logits=False)[1]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -153,24 +127,32 @@ class TransformerActorCriticPolicy(TransformerPolicyMixin, ActorCriticPolicy):
 
     def forward(self, obs, deterministic: bool = False):
         """Sample (or take the most likely) token: (actions, values, log π(actions))."""
-        logits, values = self.read_latest(obs)
+        logits, values = self._act(obs)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         actions = distribution.get_actions(deterministic=deterministic)
         return actions, values, distribution.log_prob(actions)
 
     def evaluate_actions(self, obs, actions):
         """(values, log π(actions), entropy) with gradients, for the PPO/A2C losses."""
-        logits, values = self.read_latest(obs)
+        logits, values = self._evaluate_latest(obs)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs) -> CategoricalDistribution:
         """π(·|s) as an SB3 distribution."""
-        return self.action_dist.proba_distribution(action_logits=self.read_latest(obs)[0])
+        return self.action_dist.proba_distribution(action_logits=self._act(obs, values=False)[0])
 
 
 class MaskableTransformerActorCriticPolicy(TransformerPolicyMixin, MaskableActorCriticPolicy):
-    """The Transformer policy for ``sb3_contrib.MaskablePPO``: disallowed tokens get probability 0."""
+    """The Transformer policy for ``sb3_contrib.MaskablePPO``: disallowed tokens get probability 0.
+
+    ``LMPPO`` takes it too (it masks tokens from the env's ``action_masks()`` itself, with either policy).
+    """
+
+    def __init__(self, *args, use_sde: bool = False, **kwargs):
+        if use_sde:  # stock PPO and LMPPO pass use_sde; the maskable base class has no such keyword
+            raise ValueError("use_sde=True (gSDE) is for continuous actions; token actions are discrete")
+        super().__init__(*args, **kwargs)
 
     def _masked(self, logits, action_masks):
         distribution = self.action_dist.proba_distribution(action_logits=logits)
@@ -180,17 +162,22 @@ class MaskableTransformerActorCriticPolicy(TransformerPolicyMixin, MaskableActor
 
     def forward(self, obs, deterministic: bool = False, action_masks=None):
         """Sample an allowed token: (actions, values, log π(actions))."""
-        logits, values = self.read_latest(obs)
+        logits, values = self._act(obs)
         distribution = self._masked(logits, action_masks)
         actions = distribution.get_actions(deterministic=deterministic)
         return actions, values, distribution.log_prob(actions)
 
     def evaluate_actions(self, obs, actions, action_masks=None):
         """(values, log π(actions), entropy) under the mask, with gradients."""
-        logits, values = self.read_latest(obs)
+        logits, values = self._evaluate_latest(obs)
         distribution = self._masked(logits, action_masks)
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs, action_masks=None):
         """π(·|s) under the mask."""
-        return self._masked(self.read_latest(obs)[0], action_masks)
+        return self._masked(self._act(obs, values=False)[0], action_masks)
+
+
+def observation_tokens(obs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of a batch of dict observations as int64 tensors (SB3 hands over floats)."""
+    return obs["input_ids"].long(), obs["attention_mask"].long()

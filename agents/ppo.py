@@ -29,12 +29,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from agents import distributed
 from agents.advantages import KLController, gae, kl_shaped_rewards, masked_whiten
-from agents.policy import TransformerActorCriticPolicy
+from agents.policy import TransformerActorCriticPolicy, observation_tokens
 from agents.ptx import PretrainingBatches
+from agents.rollout_cache import RolloutCache
 from agents.segments import SegmentBatch, SegmentCollector
+from lm_gym.episode_rules import TURN_ENDED_KEY
 from lm_gym.padding import pad_left, trim_left
 from lm_gym.rewards.combine import RunningMeanStd
-from lm_gym.sampling import mask_logits
+from lm_gym.sampling import mask_logits, sample_tokens
 from lm_gym.reference import ReferenceModel
 
 
@@ -99,7 +101,8 @@ class LMPPO(PPO):
         if distributed.active():  # DDP's constructor also gives every rank rank 0's weights
             self._wrap_data_parallel(actor=self.critic_warmup == 0)
         if self.ptx_coef:
-            self.ptx = PretrainingBatches(self.ptx_texts, self.policy.tokenizer, self.ptx_block_tokens, self.ptx_batch_size)
+            self.ptx = PretrainingBatches(self.ptx_texts, self.actor_critic.tokenizer, self.ptx_block_tokens,
+                                          self.ptx_batch_size)
 
     def save(self, path, exclude=None, include=None) -> None:
         """SB3's ``save``; models given loaded in ``policy_kwargs`` are stored by name, not pickled.
@@ -116,6 +119,11 @@ class LMPPO(PPO):
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "segments", "reference", "ptx", "data_parallel"]
+
+    @property
+    def actor_critic(self):
+        """The policy's :class:`agents.actor_critic.TransformerActorCritic` (its LM, tokenizer and value head)."""
+        return self.policy.actor_critic
 
     @property
     def kl_coef(self) -> float:
@@ -152,7 +160,7 @@ class LMPPO(PPO):
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         """Run ``n_rollout_steps`` steps of every env row and store the tokens as segments."""
         self.policy.set_training_mode(False)
-        collector = SegmentCollector(env.num_envs)
+        collector, cache = SegmentCollector(env.num_envs), RolloutCache()
         obs = self._last_obs
         allowed = self._allowed_tokens(env)
         for row in range(env.num_envs):
@@ -161,14 +169,13 @@ class LMPPO(PPO):
         callback.on_rollout_start()
         while steps < n_rollout_steps:
             with torch.no_grad():
-                logits, values = self.policy.read_latest(obs_to_tensors(obs, self.device),
-                                                         values=not self._deferred_values)
-                values = torch.full((len(logits), 1), float("nan")) if values is None else values
-                distribution = torch.distributions.Categorical(logits=mask_logits(logits, allowed))
-                actions = distribution.sample()
-                log_probs = distribution.log_prob(actions)
+                logits, values = self.actor_critic.act(*observation_tokens(obs_to_tensors(obs, self.device)),
+                                                       cache, values=not self._deferred_values)
+                values = torch.full((len(logits),), float("nan")) if values is None else values
+                actions, log_probs = sample_tokens(logits, allowed=allowed)
             actions = actions.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(actions)
+            cache.reset(np.flatnonzero(dones))  # those rows start new episodes
             self.num_timesteps += env.num_envs * distributed.world_size()  # env steps of all ranks
             callback.update_locals(locals())
             if not callback.on_step():
@@ -193,7 +200,7 @@ class LMPPO(PPO):
     def _record(self, collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos) -> None:
         for row, info in enumerate(infos):
             collector.add(row, int(actions[row]), float(log_probs[row]), float(values[row]),
-                          info.get("ref_logprob", float("nan")), float(rewards[row]), "reward_components" in info)
+                          info.get("ref_logprob", float("nan")), float(rewards[row]), info.get(TURN_ENDED_KEY, False))
         ended = np.flatnonzero(dones).tolist()
         truncated = [row for row in ended if infos[row].get("TimeLimit.truncated", False)]
         bootstrap = dict(zip(truncated, self._values_of([infos[row]["terminal_observation"] for row in truncated])))
@@ -208,9 +215,10 @@ class LMPPO(PPO):
         reference = env_reference(self.env) if self.env is not None else None
         if reference is not None:
             return reference
-        if hasattr(self.policy.lm, "peft_config"):
-            return ReferenceModel(self.policy.lm, self.policy.tokenizer)
-        return ReferenceModel.frozen_copy(self.policy.lm, self.policy.tokenizer)
+        lm, tokenizer = self.actor_critic.lm, self.actor_critic.tokenizer
+        if hasattr(lm, "peft_config"):
+            return ReferenceModel(lm, tokenizer)
+        return ReferenceModel.frozen_copy(lm, tokenizer)
 
     def _fill_reference_logprobs(self) -> None:
         """Where the env gave no ``ref_logprob``, score the segments with the reference: one forward each."""
@@ -237,27 +245,29 @@ class LMPPO(PPO):
         if action_masks is None:
             return super().predict(observation, state, episode_start, deterministic)
         self.policy.set_training_mode(False)
+        obs, batched = self.policy.obs_to_tensor(observation)  # one env's observation gets a batch axis
+        allowed = torch.as_tensor(np.asarray(action_masks), device=self.device).bool()
         with torch.no_grad():
-            logits, _ = self.policy.read_latest(obs_to_tensors(observation, self.device))
-            logits = mask_logits(logits, torch.as_tensor(np.asarray(action_masks), device=self.device).bool())
-            actions = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
-        return actions.cpu().numpy(), state
+            logits, _ = self.actor_critic.act(*observation_tokens(obs), self.policy.rollout_cache, values=False)
+            actions, _ = sample_tokens(logits, allowed=allowed.reshape(len(logits), -1), greedy=deterministic)
+        actions = actions.cpu().numpy()
+        return (actions if batched else actions[0]), state
 
     @property
     def _deferred_values(self) -> bool:
         """A separate critic is scored after the rollout, one forward per episode (:meth:`_fill_values`)."""
-        return self.policy.value_lm is not None
+        return self.actor_critic.value_backbone is not None
 
     def _fill_values(self, chunk: int = 16) -> None:
         """A separate critic's values for every state of every segment, and the bootstrap value after the last
         token where the segment was truncated: one forward of the critic per segment, in batches of ``chunk``."""
-        pad = self.policy.tokenizer.pad_token_id
+        pad = self.actor_critic.tokenizer.pad_token_id
         for start in range(0, len(self.segments), chunk):
             segments = self.segments[start : start + chunk]
             keep = max(len(s.tokens) for s in segments) + 1
             ids, mask = pad_left([s.context + s.tokens for s in segments], pad, self.device)
             with torch.no_grad():
-                values = self.policy.final_values(ids, mask, keep=keep).cpu()
+                values = self.actor_critic.evaluate(ids, mask, keep=keep, logits=False).values.cpu()
             for segment, row in zip(segments, values):
                 states = row[keep - len(segment.tokens) - 1 :].tolist()  # before each token, then after the last
                 segment.values = states[:-1]
@@ -273,7 +283,7 @@ class LMPPO(PPO):
         ids, mask = (torch.as_tensor(np.stack([o[key] for o in observations]), device=self.device).long()
                      for key in ("input_ids", "attention_mask"))
         with torch.no_grad():
-            return self.policy.final_values(*trim_left(ids, mask)).tolist()
+            return self.actor_critic.evaluate(*trim_left(ids, mask), logits=False).values[:, -1].tolist()
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -309,7 +319,7 @@ class LMPPO(PPO):
 
     def _prepare_batch(self) -> SegmentBatch:
         """Pad the segments, add the KL penalty to the (normalised) rewards, compute GAE advantages."""
-        data = SegmentBatch.from_segments(self.segments, self.policy.tokenizer.pad_token_id, self.device)
+        data = SegmentBatch.from_segments(self.segments, self.actor_critic.tokenizer.pad_token_id, self.device)
         scores, scored = data.scores, data.scored.bool()
         scored_scores = distributed.gather(scores[scored])  # every rank's, for the same statistics everywhere
         if self.normalize_reward and len(scored_scores):
@@ -338,7 +348,7 @@ class LMPPO(PPO):
     def _update(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf, actor: bool):
         loss, stats = self.segment_loss(data, rows, clip_range, clip_range_vf, actor)
         if self.ptx is not None and actor:
-            ptx_loss = self.ptx.loss(self.policy.lm)
+            ptx_loss = self.ptx.loss(self.actor_critic.lm)
             loss = loss + self.ptx_coef * ptx_loss
             stats["ptx_loss"] = ptx_loss.item()
         self.policy.optimizer.zero_grad()
@@ -359,7 +369,7 @@ class LMPPO(PPO):
         trim = lambda t: t[index][:, :steps]  # noqa: E731
         ids, attention = trim_left(ids, attention)
         actor_critic = self.data_parallel or self.policy.actor_critic  # DDP averages the gradients across ranks
-        logits, values = actor_critic(ids, attention, keep=steps + 1, actor=actor)
+        logits, values, _ = actor_critic(ids, attention, keep=steps + 1, actor=actor)
         sub = SegmentBatch(ids, attention, trim(data.tokens), mask[:, :steps], trim(data.logprobs), trim(data.values),
                            trim(data.ref_logprobs), trim(data.scores), trim(data.scored), data.next_values[index])
         columns = sub.positions()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from agents.export import export_pretrained
@@ -49,6 +50,24 @@ class RLHFConfig(TrainConfig):
     rm_train_layers: int | None = None
     sft_epochs: int = 1
     sft_lr: float = 1e-5
+
+    HELP: ClassVar[dict[str, str]] = {
+        **TrainConfig.HELP,
+        "preferences": "preference pairs to learn from (required): JSONL/CSV of prompt, chosen, rejected, or "
+                       "HH-RLHF transcripts",
+        "sft": "fine-tune the policy on the chosen responses before PPO",
+        "policy": "start PPO from this model instead of model (or the SFT result)",
+        "reward_model": "use this trained reward-model directory instead of training one",
+        "max_pairs": "use at most this many preference pairs (default: all)",
+        "eval_pairs": "pairs held out to measure the reward model's accuracy",
+        "rm_epochs": "reward-model training epochs",
+        "rm_lr": "reward-model learning rate",
+        "rm_batch_size": "preference pairs per reward-model step",
+        "rm_max_length": "longest exchange in tokens the reward model reads (longer ones keep their end)",
+        "rm_train_layers": "train only the top this-many transformer layers of the reward model (default: all)",
+        "sft_epochs": "SFT epochs",
+        "sft_lr": "SFT learning rate",
+    }
 
     @classmethod
     def preset(cls, name: str | None, **overrides) -> "RLHFConfig":

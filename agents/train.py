@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -63,6 +64,30 @@ class TrainConfig:
     eval_samples: int = 4
     seed: int = 0
     device: str | None = None
+
+    HELP: ClassVar[dict[str, str]] = {  # one line of meaning per field: the flags' --help
+        "model": "the policy and reference LM: 'default' (SmolLM2-135M-Instruct), 'tiny', a directory or a hub id",
+        "prompts": "training prompts: a .txt/.jsonl file (default: the 240 shipped prompts); the last "
+                   "eval_prompts are held out",
+        "alpha": "weight of the human-feedback reward r_f in r = alpha*r_f + (1-alpha)*fluency",
+        "max_new_tokens": "response length limit in tokens (also the rollout length per iteration)",
+        "max_prompt_tokens": "prompt length limit in tokens; longer prompts keep their last tokens",
+        "num_envs": "episodes per rollout, stepped together in one batched forward",
+        "iterations": "rollout + update iterations",
+        "learning_rate": "learning rate of the LM",
+        "value_learning_rate": "learning rate of the value head",
+        "n_epochs": "PPO epochs over each rollout",
+        "batch_size": "tokens per PPO minibatch",
+        "kl_coef": "beta of the per-token KL penalty to the reference model",
+        "kl_target": "adapt beta towards this mean KL per episode (default: beta stays fixed)",
+        "critic_warmup": "first iterations that train only the value head",
+        "temperature": "sampling temperature of the policy (pi = softmax(logits / temperature))",
+        "lora_rank": "LoRA rank on all linear layers sharing the env's weights (0: full fine-tuning)",
+        "eval_prompts": "held-out prompts for the before/after evaluation",
+        "eval_samples": "responses sampled per held-out prompt",
+        "seed": "seed of prompts, sampling and updates (the run is deterministic on one machine)",
+        "device": "where the LMs run, e.g. 'cpu' or 'cuda' (default: CUDA when available)",
+    }
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":

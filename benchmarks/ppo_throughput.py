@@ -34,26 +34,20 @@ def timed(fn) -> float:
 def rollout_seconds(agent, cached: bool) -> tuple[float, float]:
     """(seconds of one SB3 ``collect_rollouts``, seconds of it inside the policy), cache on or off."""
     policy = agent.policy
-    read = policy.read_latest if cached else (lambda obs: _full_read(policy, obs))  # off: full forward per step
+    act = policy._act if cached else (lambda obs, values=True: policy._evaluate_latest(obs))  # off: full forward
     spent = [0.0]
 
-    def timed_read(obs):
+    def timed_act(obs, values=True):
         started = time.perf_counter()
-        result = read(obs)
+        result = act(obs, values)
         spent[0] += time.perf_counter() - started
         return result
 
-    policy.read_latest = timed_read
+    policy._act = timed_act
     _, callback = agent._setup_learn(agent.n_steps * agent.n_envs, None)  # resets the env
     seconds = timed(lambda: agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps))
-    del policy.read_latest
+    del policy._act
     return seconds, spent[0]
-
-
-@torch.no_grad()
-def _full_read(policy, obs):
-    logits, values = policy.read_positions(obs["input_ids"].long(), obs["attention_mask"].long(), keep=1)
-    return logits[:, -1], values[:, -1:]
 
 
 def main() -> None:

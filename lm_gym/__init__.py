@@ -10,7 +10,10 @@
     envs = gym.make_vec("LanguageModelEnv-v0", num_envs=32)  # one batched forward per step
 """
 
+import os
+
 import gymnasium
+import torch
 
 from lm_gym.config import EnvConfig, MultiTurn
 from lm_gym.env import LanguageModelEnv
@@ -27,6 +30,20 @@ if ENV_ID not in gymnasium.registry:
     gymnasium.register(
         id=ENV_ID, entry_point="lm_gym.env:LanguageModelEnv", vector_entry_point="lm_gym.vector_env:LanguageModelVectorEnv"
     )
+
+
+def _one_torch_thread_after_fork() -> None:
+    """In a forked child (``AsyncVectorEnv``'s default on Linux), run torch's CPU ops on one thread.
+
+    Torch's CPU thread pool is GNU OpenMP, which does not survive ``fork``: once the parent has run a parallel
+    op, a child's first parallel op waits forever at the pool's barrier for threads that only the parent has.
+    One thread per child never enters the pool (and N env workers do not oversubscribe the cores).
+    """
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_torch_thread_after_fork)
 
 __all__ = [
     "BlendedReward",

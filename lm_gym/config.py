@@ -52,9 +52,10 @@ class EnvConfig:
         scores``; default ``BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=0.5)``. The reward
         context carries ``response_ids``, ``context_ids`` (the tokens before the response), ``ref_logprobs``
         (per-token reference log-probs, or None with ``reference_logprobs=False``) and ``stopped``.
-    :param max_new_tokens: response length limit in tokens (per agent turn in multi-turn mode). A
-        ``gymnasium.make(..., max_episode_steps=K)`` with K below it cuts episodes before the reward step
-        (the env warns at the first reset).
+    :param max_new_tokens: response length limit in tokens (per agent turn in multi-turn mode); the reward
+        comes on the step that ends the response. Limit lengths here, not with ``gymnasium.make(...,
+        max_episode_steps=K)``: Gymnasium's ``TimeLimit`` wrapper, which the env cannot see, truncates after K
+        steps, so a K below this cuts responses before the env scores them (reward 0, no ``response_text``).
     :param max_prompt_tokens: prompt length limit, chat formatting included.
     :param use_chat_template: format prompts with the tokenizer's chat template; default on when it has one.
     :param stop_token_ids: tokens that end the response; default the EOS token(s).

@@ -74,9 +74,9 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
         unknown = set(options) - RESET_OPTIONS
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; expected keys among {sorted(RESET_OPTIONS)}")
-        info = self.episodes.reset_rows([0], [self.np_random], [options.get("prompt")])[0]
+        self.episodes.reset_rows([0], [self.np_random], [options.get("prompt")])
         self._episode_over = False
-        return self._observation(), info
+        return self._observation(), {}
 
     def step(self, action):
         """Append one token; see the class docstring for rewards, flags and ``info``."""

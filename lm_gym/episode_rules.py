@@ -27,6 +27,9 @@ from lm_gym.rewards.base import Reward
 from lm_gym.sampling import sample_continuations
 
 
+TURN_ENDED_KEY = "turn_ended"  # in the info of a step that ended an agent turn: its reward is the turn's
+
+
 @dataclass(frozen=True)
 class TurnEnd:
     """The record of an agent turn that just ended: the texts the reward scored and its components.
@@ -40,8 +43,9 @@ class TurnEnd:
     turns: list[dict] | None = None  # multi-turn: the dialogue so far, one {"role", "text"} per turn
 
     def info(self) -> dict:
-        """The entries this record adds to the Gymnasium (and SB3) info of the step that ended the turn."""
-        info = {"prompt_text": self.prompt_text, "response_text": self.response_text,
+        """The entries this record adds to the Gymnasium (and SB3) info of the step that ended the turn:
+        ``turn_ended`` (True: this step's reward is the turn's), the texts and the reward's components."""
+        info = {TURN_ENDED_KEY: True, "prompt_text": self.prompt_text, "response_text": self.response_text,
                 "reward_components": dict(self.reward_components)}
         if self.turns is not None:
             info["turns"] = [dict(turn) for turn in self.turns]
@@ -110,8 +114,12 @@ class TokenEpisodes:
 
     # --- reset ---------------------------------------------------------------------------------------
 
-    def reset_rows(self, rows: Sequence[int], rngs: Sequence[np.random.Generator], prompts=None) -> list[dict]:
-        """Start new episodes in ``rows``: draw (or take) a prompt per row, encode it, prefill in one forward."""
+    def reset_rows(self, rows: Sequence[int], rngs: Sequence[np.random.Generator], prompts=None) -> None:
+        """Start new episodes in ``rows``: draw (or take) a prompt per row, encode it, prefill in one forward.
+
+        Reset infos stay empty: clients that learn one set of info keys from every step (TorchRL's ``GymEnv``)
+        cannot hold text, and the prompt comes with the response in the info of the turn's last step.
+        """
         prompts = [
             self.prompts(rng) if prompt is None else validate_prompt(prompt, "options['prompt']")
             for rng, prompt in zip(rngs, prompts or [None] * len(rows))
@@ -122,7 +130,6 @@ class TokenEpisodes:
             self.reply_generators[row] = self._reply_generator(rng) if self.multi_turn else None
         self.batch.prefill(rows, contexts)
         self.turn_start[list(rows)] = self.batch.lengths[list(rows)]
-        return [{"prompt_text": prompt_text(prompt)} for prompt in prompts]
 
     def _encode(self, prompt: Prompt) -> list[int]:
         ids = encode_prompt(self.tokenizer, prompt, self.use_chat_template)

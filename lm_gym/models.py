@@ -51,6 +51,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` (default :func:`default_device`); a clear error for a CUDA device on a
+    machine without one, or a name torch does not know."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device torch knows; expected e.g. 'cpu' or 'cuda'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but no CUDA device is available here; pass device='cpu' "
+                         "(or None, which picks CUDA when there is one)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
 @contextmanager
 def adapters_disabled(model):
     """Run ``model`` as its base model: PEFT adapters injected into it are switched off inside the block.
@@ -92,7 +109,7 @@ def load_model(
     :return: ``(model, tokenizer)``, the model in eval mode. A tokenizer without a pad token gets its EOS
         token as pad token (positions are always masked by the attention mask, so the id only fills space).
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = _resolve_dtype(dtype)
     name = str(name)
     if name == "default":
@@ -128,7 +145,8 @@ def resolve_model(model, tokenizer, device, dtype):
         tokenizer = load_tokenizer(source)
     ensure_pad_token(tokenizer)
     if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(device=None if device is None else resolve_device(device),
+                         dtype=None if dtype is None else _resolve_dtype(dtype))
     return model.eval(), tokenizer
 
 

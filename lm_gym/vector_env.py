@@ -90,17 +90,13 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
                 self._rngs[row] = seeding.np_random(seeds[row])[0]
         prompts = _row_prompts(options, self.num_envs)
         row_infos: list[dict] = [{} for _ in range(self.num_envs)]
-        self._reset_rows(np.flatnonzero(mask), prompts, row_infos)
+        self._reset_rows(np.flatnonzero(mask), prompts)
         return self._observation(), row_infos
 
-    def _reset_rows(self, rows: np.ndarray, prompts: list, row_infos: list[dict]) -> None:
-        """Start new episodes in ``rows`` (one batched prefill); merge their reset infos into ``row_infos``."""
+    def _reset_rows(self, rows: np.ndarray, prompts: list) -> None:
+        """Start new episodes in ``rows`` (one batched prefill; reset infos are empty)."""
         row_list = rows.tolist()
-        reset_infos = self.episodes.reset_rows(
-            row_list, [self._rngs[r] for r in row_list], [prompts[r] for r in row_list]
-        )
-        for row, info in zip(row_list, reset_infos):
-            row_infos[row].update(info)
+        self.episodes.reset_rows(row_list, [self._rngs[r] for r in row_list], [prompts[r] for r in row_list])
         self._needs_reset[rows] = False
         self._started[rows] = True
 
@@ -128,13 +124,13 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         row_infos = [{} if resetting[row] else infos[row] for row in range(self.num_envs)]
         no_prompts = [None] * self.num_envs
         if self.autoreset_mode == AutoresetMode.NEXT_STEP and resetting.any():
-            self._reset_rows(np.flatnonzero(resetting), no_prompts, row_infos)
+            self._reset_rows(np.flatnonzero(resetting), no_prompts)
         if self.autoreset_mode == AutoresetMode.SAME_STEP and ended.any():
             final_obs = self._observation(numpy=True)
             for row in np.flatnonzero(ended):
                 single_obs = {key: value[row] for key, value in final_obs.items()}
                 row_infos[row] = {"final_obs": single_obs, "final_info": row_infos[row]}
-            self._reset_rows(np.flatnonzero(ended), no_prompts, row_infos)
+            self._reset_rows(np.flatnonzero(ended), no_prompts)
         else:
             self._needs_reset = ended
         flags = self._flags(result.reward.double(), result.terminated, result.truncated)

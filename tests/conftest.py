@@ -46,6 +46,14 @@ def stop_id(env) -> int:
     return int(env.unwrapped.episodes.stop_token_ids[0])
 
 
+def reset_prompt(env, **reset_kwargs) -> str:
+    """The prompt of a fresh (single-turn) episode: reset, stop at once, read the last step's ``prompt_text``."""
+    _, info = env.reset(**reset_kwargs)
+    assert info == {}
+    *_, info = env.step(stop_id(env))
+    return info["prompt_text"]
+
+
 def play(env, actions, seed=0, prompt=None):
     """Reset with ``seed`` and step ``actions`` until the episode ends; return (observations, steps)."""
     obs, info = env.reset(seed=seed, options={"prompt": prompt} if prompt else None)

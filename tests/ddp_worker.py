@@ -24,11 +24,11 @@ def main(out: Path, num_envs: int) -> None:
                          eval_prompts=4, learning_rate=1e-3, batch_size=16, critic_warmup=1)
     env = make_rank_env(config, default_task(config))
     agent = make_agent(config, env)
-    start, lm_start, timesteps = flat_parameters(agent.policy), flat_parameters(agent.policy.lm), []
+    start, lm_start, timesteps = flat_parameters(agent.policy), flat_parameters(agent.actor_critic.lm), []
     for iteration in range(config.iterations):
         train_iteration(agent, env, config, iteration)
         timesteps.append(agent.num_timesteps)
-    lm_changed = not torch.equal(lm_start, flat_parameters(agent.policy.lm))
+    lm_changed = not torch.equal(lm_start, flat_parameters(agent.actor_critic.lm))
     record = {"start": start, "end": flat_parameters(agent.policy), "lm_changed": lm_changed, "timesteps": timesteps,
               "reward_count": agent.reward_stats.count}
     torch.save(record, out / f"rank{distributed.rank()}.pt")

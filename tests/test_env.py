@@ -13,7 +13,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import lm_gym
 from lm_gym import MultiTurn
-from tests.conftest import assert_same_observations, full_forward_logprobs, observed_tokens, play, stop_id
+from tests.conftest import assert_same_observations, full_forward_logprobs, observed_tokens, play, reset_prompt, stop_id
 
 MULTI = dict(max_turns=2, context_tokens=160, max_reply_tokens=5, reply_temperature=0.8)
 
@@ -53,9 +53,10 @@ def test_observation_is_left_padded_prompt(make_tiny_env, tiny):
     mask = obs["attention_mask"]
     assert observed_tokens(obs) == list(expected)
     assert mask[-1] == 1 and (np.diff(mask) >= 0).all()  # zeros then ones
-    assert info["prompt_text"] == "Name a fruit."
+    assert info == {}
     obs, *_ = env.step(5)
     assert obs["input_ids"][-1] == 5 and observed_tokens(obs) == list(expected) + [5]
+    assert reset_prompt(env, seed=0, options={"prompt": "Name a fruit."}) == "Name a fruit."
 
 
 def test_same_seed_same_actions_same_episode(make_tiny_env):
@@ -71,7 +72,7 @@ def test_same_seed_same_actions_same_episode(make_tiny_env):
 
 def test_different_seeds_draw_different_prompts(make_tiny_env):
     env = make_tiny_env()
-    prompts = {env.reset(seed=seed)[1]["prompt_text"] for seed in range(20)}
+    prompts = {reset_prompt(env, seed=seed) for seed in range(20)}
     assert len(prompts) > 10
 
 
@@ -173,8 +174,7 @@ def test_plain_text_mode_without_chat_template(make_tiny_env, tiny):
 def test_chat_message_prompts(make_tiny_env):
     env = make_tiny_env()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    _, info = env.reset(options={"prompt": messages})
-    assert info["prompt_text"] == "Hi there"
+    assert reset_prompt(env, options={"prompt": messages}) == "Hi there"
 
 
 def test_render_modes(make_tiny_env, capsys):
@@ -325,10 +325,10 @@ def test_prompt_file_errors_name_the_line(tmp_path, make_tiny_env):
 def test_prompt_sources(tmp_path, make_tiny_env):
     txt = tmp_path / "p.txt"
     txt.write_text("first prompt\n\nsecond prompt\n")
-    assert {make_tiny_env(prompts=txt).reset(seed=s)[1]["prompt_text"] for s in range(10)} == {
+    assert {reset_prompt(make_tiny_env(prompts=txt), seed=s) for s in range(10)} == {
         "first prompt", "second prompt"}
     env = make_tiny_env(prompts=lambda rng: f"count to {int(rng.integers(3, 9))}")
-    assert env.reset(seed=0)[1]["prompt_text"].startswith("count to ")
+    assert reset_prompt(env, seed=0).startswith("count to ")
     assert len(lm_gym.data.default_prompts()) >= 200
 
 

@@ -87,8 +87,8 @@ def test_rollout_log_probs_match_the_one_forward_per_segment_evaluation(env):
 
 def test_segments_bootstrap_truncation_not_termination(env):
     agent = make_agent(env, n_steps=12)
-    assert not agent.policy.value_net_head.weight.any()  # V starts at 0: no random baseline
-    torch.nn.init.normal_(agent.policy.value_net_head.weight)  # a critic that has learned something
+    assert not agent.actor_critic.value_net_head.weight.any()  # V starts at 0: no random baseline
+    torch.nn.init.normal_(agent.actor_critic.value_net_head.weight)  # a critic that has learned something
     collect(agent)
     ended = [s for s in agent.segments if s.ended]
     assert any(s.terminated is False for s in ended)  # the length limit truncates: bootstrapped

@@ -33,20 +33,20 @@ def make_agent(env, **kwargs):
 
 
 def lm_parameters(agent):
-    return {name: p.detach().clone() for name, p in agent.policy.lm.named_parameters()}
+    return {name: p.detach().clone() for name, p in agent.actor_critic.lm.named_parameters()}
 
 
 def changed(before, agent):
-    after = dict(agent.policy.lm.named_parameters())
+    after = dict(agent.actor_critic.lm.named_parameters())
     return [name for name, p in before.items() if not torch.equal(p, after[name].detach())]
 
 
 def test_critic_warmup_trains_the_value_head_with_the_actor_frozen(tiny):
     agent = make_agent(make_env(*tiny), critic_warmup=1)
-    lm_before, head_before = lm_parameters(agent), agent.policy.value_net_head.weight.detach().clone()
+    lm_before, head_before = lm_parameters(agent), agent.actor_critic.value_net_head.weight.detach().clone()
     agent.learn(agent.n_steps * agent.n_envs)  # one rollout: the warm-up
     assert changed(lm_before, agent) == []
-    assert not torch.equal(head_before, agent.policy.value_net_head.weight.detach())
+    assert not torch.equal(head_before, agent.actor_critic.value_net_head.weight.detach())
     assert agent.logger.name_to_value["train/actor_frozen"] == 1
     agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)  # warm-up over: the actor learns
     assert changed(lm_before, agent)
@@ -76,7 +76,7 @@ def test_ptx_loss_pulls_the_policy_towards_the_text(tiny):
         agent = make_agent(env, ptx_coef=coef, ptx_texts=TEXTS, ptx_block_tokens=16)
         agent.learn(3 * agent.n_steps * agent.n_envs)
         with torch.no_grad():
-            losses[coef] = float(np.mean([batches.loss(agent.policy.lm).item() for _ in batches.blocks]))
+            losses[coef] = float(np.mean([batches.loss(agent.actor_critic.lm).item() for _ in batches.blocks]))
         if coef:
             assert "train/ptx_loss" in agent.logger.name_to_value
     assert losses[5.0] < losses[0.0]
@@ -113,7 +113,7 @@ def test_lora_policy_shares_the_env_lm_which_stays_the_reference():
     env = make_env(model, tokenizer, rows=2)
     lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False}
     agent = make_agent(env, policy_kwargs={"model": model, "tokenizer": tokenizer, "lora": lora})
-    assert agent.policy.lm.get_base_model() is model  # one copy of the base weights
+    assert agent.actor_critic.lm.get_base_model() is model  # one copy of the base weights
     policy_logprob, ref_logprobs = step_and_compare(agent, env, reference)
     assert policy_logprob != pytest.approx(ref_logprobs[0], abs=1e-3)  # the adapters do change the policy
     agent.learn(agent.n_steps * agent.n_envs)
@@ -124,7 +124,7 @@ def step_and_compare(agent, env, reference):
     """Step the env with the policy's greedy tokens; check ``ref_logprob`` against the base model's own."""
     obs = env.reset()
     with torch.no_grad():
-        policy_logits, _ = agent.policy.read_latest({k: torch.as_tensor(v) for k, v in obs.items()})
+        policy_logits = agent.policy.get_distribution({k: torch.as_tensor(v) for k, v in obs.items()}).distribution.logits
     actions = policy_logits.argmax(-1).numpy()
     _, _, _, infos = env.step(actions)
     for row, info in enumerate(infos):
@@ -145,18 +145,18 @@ def test_save_names_a_loaded_model_and_load_can_share_it_again(tmp_path):
     assert (tmp_path / "agent.zip").stat().st_size < 5_000_000  # the model is named, not pickled
     obs = env.reset()
     with torch.no_grad():
-        expected = agent.policy.read_latest({k: torch.as_tensor(v) for k, v in obs.items()})[0]
+        expected = agent.policy.get_distribution({k: torch.as_tensor(v) for k, v in obs.items()}).distribution.logits
     fresh_model, fresh_tokenizer = lm_gym.load_model("tiny")
     fresh_env = make_env(fresh_model, fresh_tokenizer, rows=2)
     loaded = LMPPO.load(tmp_path / "agent", env=fresh_env, device="cpu", custom_objects={"policy_kwargs": {
         "model": fresh_model, "tokenizer": fresh_tokenizer, "lora": lora}})
-    assert loaded.policy.lm.get_base_model() is fresh_model
+    assert loaded.actor_critic.lm.get_base_model() is fresh_model
     with torch.no_grad():
-        got = loaded.policy.read_latest({k: torch.as_tensor(v) for k, v in obs.items()})[0]
+        got = loaded.policy.get_distribution({k: torch.as_tensor(v) for k, v in obs.items()}).distribution.logits
     assert torch.allclose(got, expected, atol=1e-5)
     by_name = LMPPO.load(tmp_path / "agent", env=fresh_env, device="cpu")  # rebuilt from the stored name
     with torch.no_grad():
-        assert torch.allclose(by_name.policy.read_latest({k: torch.as_tensor(v) for k, v in obs.items()})[0],
+        assert torch.allclose(by_name.policy.get_distribution({k: torch.as_tensor(v) for k, v in obs.items()}).distribution.logits,
                               expected, atol=1e-5)
 
 
@@ -177,7 +177,7 @@ def test_lmppo_scores_the_reference_itself_when_the_env_does_not(tiny):
 
 def test_a_separate_critic_is_scored_once_per_episode_after_the_rollout(tiny):
     agent = make_agent(make_env(*tiny), n_steps=7, policy_kwargs={"model": "tiny", "value_head": "separate"})
-    torch.nn.init.normal_(agent.policy.value_net_head.weight)  # a critic with something to say
+    torch.nn.init.normal_(agent.actor_critic.value_net_head.weight)  # a critic with something to say
     agent._setup_learn(agent.n_steps * agent.n_envs, callback=None)
     agent.collect_rollouts(agent.env, agent._init_callback(None), None, agent.n_steps)
     assert any(s.terminated is False and s.ended for s in agent.segments)  # truncated: bootstrapped
@@ -185,7 +185,7 @@ def test_a_separate_critic_is_scored_once_per_episode_after_the_rollout(tiny):
     for segment in agent.segments:
         prefixes = [segment.context + segment.tokens[:j] for j in range(len(segment.tokens) + 1)]
         with torch.no_grad():
-            expected = [float(agent.policy.final_values(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long)))
-                        for p in prefixes]
+            expected = [float(agent.actor_critic.evaluate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long),
+                                                          logits=False).values[:, -1]) for p in prefixes]
         assert segment.values == pytest.approx(expected[:-1], abs=1e-4)
         assert segment.next_value == (0.0 if segment.terminated else pytest.approx(expected[-1], abs=1e-4))

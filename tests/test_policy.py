@@ -12,6 +12,7 @@ from stable_baselines3 import A2C, PPO
 
 import lm_gym
 from agents import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
+from agents.policy import observation_tokens
 from lm_gym.sb3 import SB3VecEnv
 
 
@@ -34,6 +35,12 @@ def as_tensors(obs):
     return {key: torch.as_tensor(value) for key, value in obs.items()}
 
 
+def act(policy, obs):
+    """(logits, values) at the latest position, through the policy's rollout cache (no gradients) or a full
+    forward (gradients enabled)."""
+    return policy.actor_critic.act(*observation_tokens(as_tensors(obs)), policy.rollout_cache)
+
+
 @pytest.mark.parametrize("value_head", ["shared", "separate"])
 def test_incremental_rollout_equals_full_forward_across_resets(vec_env, value_head):
     policy = make_ppo(vec_env, value_head=value_head, temperature=0.7).policy
@@ -42,9 +49,9 @@ def test_incremental_rollout_equals_full_forward_across_resets(vec_env, value_he
     worst, resets, incremental_steps = 0.0, 0, 0
     for step in range(14):
         with torch.no_grad():
-            logits, values = policy.read_latest(as_tensors(obs))
+            logits, values = act(policy, obs)
         with torch.enable_grad():
-            full_logits, full_values = policy.read_latest(as_tensors(obs))
+            full_logits, full_values = act(policy, obs)  # with gradients: a full forward
         log_probs = torch.log_softmax(logits, -1)
         worst = max(worst, (log_probs - torch.log_softmax(full_logits, -1)).abs().max().item(),
                     (values - full_values).abs().max().item())
@@ -60,13 +67,13 @@ def test_rollout_runs_one_token_per_step(vec_env, monkeypatch):
     policy = make_ppo(vec_env).policy
     policy.set_training_mode(False)
     widths = []
-    forward = policy.lm.forward
+    forward = policy.actor_critic.lm.forward
 
     def spy(*args, **kwargs):
         widths.append(kwargs["input_ids"].shape[1])
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(policy.lm, "forward", spy)
+    monkeypatch.setattr(policy.actor_critic.lm, "forward", spy)
     obs = vec_env.reset()
     for _ in range(3):
         with torch.no_grad():
@@ -80,15 +87,15 @@ def test_stock_ppo_and_a2c_train(vec_env):
     ppo.learn(48)
     assert np.isfinite(ppo.logger.name_to_value["train/value_loss"])
     a2c = A2C(TransformerActorCriticPolicy, vec_env, n_steps=4, device="cpu", policy_kwargs={"model": "tiny"})
-    before = [p.detach().clone() for p in a2c.policy.lm.parameters()]
+    before = [p.detach().clone() for p in a2c.policy.actor_critic.lm.parameters()]
     a2c.learn(24)
-    assert any(not torch.equal(b, p) for b, p in zip(before, a2c.policy.lm.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, a2c.policy.actor_critic.lm.parameters()))
 
 
 def test_pretrained_weights_are_kept(vec_env, tiny):
     policy = make_ppo(vec_env).policy
     reference, _ = lm_gym.load_model("tiny", device="cpu")
-    for (name, a), b in zip(policy.lm.named_parameters(), reference.parameters()):
+    for (name, a), b in zip(policy.actor_critic.lm.named_parameters(), reference.parameters()):
         assert torch.equal(a, b), name
 
 
@@ -121,7 +128,7 @@ def test_save_and_load_round_trip(vec_env, tmp_path):
         torch.manual_seed(3)
         b, _ = loaded.predict(obs, deterministic=deterministic)
         assert a.tolist() == b.tolist()
-    assert loaded.policy.temperature == 0.8
+    assert loaded.policy.actor_critic.temperature == 0.8
 
 
 def test_maskable_policy_samples_allowed_tokens(tiny):
@@ -138,10 +145,10 @@ def test_maskable_policy_samples_allowed_tokens(tiny):
 
 def test_lora_policy_trains_only_adapters_and_the_value_head(vec_env):
     ppo = make_ppo(vec_env, lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
-    frozen = {n: p.detach().clone() for n, p in ppo.policy.lm.named_parameters() if not p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in ppo.policy.actor_critic.lm.named_parameters() if not p.requires_grad}
     ppo.learn(24)
-    assert frozen and all(torch.equal(p, frozen[n]) for n, p in ppo.policy.lm.named_parameters() if n in frozen)
-    assert any("lora" in n for n, p in ppo.policy.lm.named_parameters() if p.requires_grad)
+    assert frozen and all(torch.equal(p, frozen[n]) for n, p in ppo.policy.actor_critic.lm.named_parameters() if n in frozen)
+    assert any("lora" in n for n, p in ppo.policy.actor_critic.lm.named_parameters() if p.requires_grad)
 
 
 def test_bad_policy_arguments(vec_env):

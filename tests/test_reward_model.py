@@ -110,7 +110,7 @@ def test_lmppo_critic_starts_from_the_reward_model(tmp_path, tiny):
         ids = [rm.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         batch, mask = pad_left(ids, tokenizer.pad_token_id, "cpu")
         with torch.no_grad():
-            values = agent.policy.final_values(batch, mask)
+            values = agent.actor_critic.evaluate(batch, mask, logits=False).values[:, -1]
         expected = (rm.score([p.prompt for p in PAIRS[:3]], [p.chosen for p in PAIRS[:3]]) - rm.mean) / rm.std
         assert torch.allclose(values, expected, atol=1e-4)  # V(full exchange) = the standardised reward
     agent.save(tmp_path / "agent")

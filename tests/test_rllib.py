@@ -10,6 +10,7 @@ import torch
 from ray.rllib.core.columns import Columns
 
 from agents.actor_critic import TransformerActorCritic
+from agents.rollout_cache import RolloutCache
 from agents.integrations.rllib import TransformerPPOLearner, TransformerRLModule, ppo_config
 from lm_gym.integrations.rllib import make_env
 
@@ -47,34 +48,37 @@ def test_module_logits_match_actor_critic_and_mask(monkeypatch):
     tokens = batch[Columns.OBS]["observations"]
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     with torch.no_grad():
-        expected, _ = reference.read_latest(ids, mask)
+        expected, _ = reference.act(ids, mask, RolloutCache())
     torch.testing.assert_close(explore[:, allowed], expected[:, allowed])
     probs = torch.softmax(explore, dim=-1)
     assert torch.all(probs[:, ~allowed] == 0) and torch.isclose(probs.sum(), torch.tensor(1.0))
 
-    cache = module.actor_critic.policy_lm._batch
+    lm = module.actor_critic.lm
+    cache = module.rollout_cache._backbones[id(lm)].batch
     prefills = []
     monkeypatch.setattr(cache, "prefill", lambda *args, **kwargs: prefills.append(args))
     next_batch = {Columns.OBS: batched(env.step(ALLOWED[0])[0])}
     explore = module.forward_exploration(next_batch)[Columns.ACTION_DIST_INPUTS]
-    assert not prefills and module.actor_critic.policy_lm._batch is cache  # one new token, no re-encoding
+    assert not prefills and module.rollout_cache._backbones[id(lm)].batch is cache  # one new token, no re-encoding
     next_tokens = next_batch[Columns.OBS]["observations"]
-    expected, _ = reference.read_latest(next_tokens["input_ids"], next_tokens["attention_mask"])  # full forward
+    expected = reference.evaluate(next_tokens["input_ids"], next_tokens["attention_mask"]).logits[:, -1]  # full forward
     expected = torch.log_softmax(expected.detach()[:, allowed], -1)  # the cache gives log-probs, a full forward logits
     torch.testing.assert_close(torch.log_softmax(explore[:, allowed], -1), expected, atol=1e-4, rtol=1e-4)
-    module.set_state(module.get_state())  # RLlib's weight sync drops the stale cache
-    assert module.actor_critic.policy_lm._batch is None
+    backbone = module.rollout_cache._backbones[id(lm)]
+    module.set_state(module.get_state())  # RLlib's weight sync makes the cache stale: it is dropped
+    assert not backbone.fits(lm, next_tokens["input_ids"])
 
     # Training: the same logits with gradients, and V from the embeddings without another forward.
     train = module.forward_train(batch)
-    logits, hidden = reference.read_hidden(ids, mask)
+    evaluation = reference.evaluate(ids, mask)
+    logits, hidden = evaluation.logits[:, -1], evaluation.hidden[:, -1]
     torch.testing.assert_close(train[Columns.ACTION_DIST_INPUTS][:, allowed], logits[:, allowed])
     assert train[Columns.ACTION_DIST_INPUTS].requires_grad
     assert torch.all(torch.softmax(train[Columns.ACTION_DIST_INPUTS], -1)[:, ~allowed] == 0)
     dist = module.get_train_action_dist_cls().from_logits(train[Columns.ACTION_DIST_INPUTS])
     assert torch.isfinite(dist.entropy()).all()
     torch.testing.assert_close(module.compute_values(batch, train[Columns.EMBEDDINGS]), reference.values_of(hidden))
-    torch.testing.assert_close(module.compute_values(batch), reference.final_values(ids, mask).detach())
+    torch.testing.assert_close(module.compute_values(batch), reference.evaluate(ids, mask, logits=False).values[:, -1].detach())
 
 
 @pytest.fixture

@@ -82,7 +82,8 @@ def test_critic_reuses_the_actors_training_forward(env_kwargs, actor_critic, mon
     critic = TokenCritic(actor)
     critic.train()
     with torch.no_grad():
-        expected = actor_critic.final_values(torch.as_tensor(obs.input_ids), torch.as_tensor(obs.attention_mask))
+        ids, mask = torch.as_tensor(obs.input_ids), torch.as_tensor(obs.attention_mask)
+        expected = actor_critic.evaluate(ids, mask, logits=False).values[:, -1]
     forwards = []
     forward = actor_critic.lm.forward
     monkeypatch.setattr(actor_critic.lm, "forward", lambda *a, **k: forwards.append(1) or forward(*a, **k))

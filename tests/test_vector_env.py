@@ -97,7 +97,7 @@ def test_vector_spaces_and_conventions(settings):
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
     assert obs["input_ids"].shape == (3, 69) and obs["input_ids"].dtype == np.int64
-    assert info["_prompt_text"].all() and len(info["prompt_text"]) == 3
+    assert info == {}
     obs, reward, terminated, truncated, info = env.step(np.array([5, 6, 7]))
     assert reward.shape == (3,) and reward.dtype == np.float64
     assert terminated.dtype == np.bool_ and truncated.dtype == np.bool_
@@ -116,7 +116,7 @@ def test_ended_rows_carry_their_infos_under_masks(settings):
     final = info["final_info"]  # a dict of arrays with its own masks, as SyncVectorEnv gives
     assert final["_response_text"].tolist() == [True, False, True] and final["response_text"][0] == ""
     assert final["reward_components"]["_fluency"].tolist() == [True, False, True]
-    assert info["_prompt_text"].tolist() == [True, False, True]  # the new episodes' reset infos
+    assert "prompt_text" not in info  # the new episodes' reset infos are empty
     assert reward[1] == 0.0 and reward[0] != 0.0
 
 
@@ -126,7 +126,7 @@ def test_next_step_ignores_the_action_of_a_resetting_row(settings):
     stop = settings["tokenizer"].eos_token_id
     env.step(np.array([stop, 5]))
     obs, reward, terminated, truncated, info = env.step(np.array([10**3, 6]))
-    assert not terminated[0] and reward[0] == 0.0 and info["_prompt_text"].tolist() == [True, False]
+    assert not terminated[0] and reward[0] == 0.0 and info["_ref_logprob"].tolist() == [False, True]
     assert obs["input_ids"][1, -2:].tolist() == [5, 6]
 
 
@@ -138,7 +138,7 @@ def test_disabled_mode_requires_explicit_resets(settings):
     with pytest.raises(RuntimeError, match=r"rows \[0\].*reset_mask"):
         env.step(np.array([5, 5]))
     obs, info = env.reset(options={"reset_mask": np.array([True, False])})
-    assert info["_prompt_text"].tolist() == [True, False]
+    assert info == {}
     env.step(np.array([5, 5]))
 
 

@@ -25,7 +25,7 @@ MODEL = "tiny"  # "default" for SmolLM2-135M-Instruct"""),
     ("code", """env = gym.make("LanguageModelEnv-v0", model=MODEL, max_new_tokens=8, render_mode="ansi",
                reward=lambda prompts, responses, **context: [float(len(r)) for r in responses])
 obs, info = env.reset(seed=0)
-print(info["prompt_text"])
+print(env.render())
 print("observation:", {key: value.shape for key, value in obs.items()}, "actions:", env.action_space)
 done = False
 while not done:

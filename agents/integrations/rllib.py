@@ -46,6 +46,7 @@ from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from agents.actor_critic import PARTS, TransformerActorCritic
 from agents.integrations._common import token_batch
 from agents.reward_model import critic_start
+from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.rllib import ENV_NAME, register_env, split_observation
 from lm_gym.sampling import mask_logits
 
@@ -82,17 +83,12 @@ class TransformerRLModule(TorchRLModule, ValueFunctionAPI):
             raise ValueError(f"learning_rates has unknown parts {sorted(unknown)}; expected among {PARTS}")
         kwargs["value_model"], kwargs["value_init"] = critic_start(kwargs.get("value_model"), kwargs.get("device"))
         self.actor_critic = TransformerActorCritic.from_pretrained(**kwargs)
+        self.rollout_cache = RolloutCache()  # the env runner's episodes; new weights invalidate it by themselves
         self.train(False)  # rollouts run in eval mode; forward_train switches once on learners
 
     def train(self, mode: bool = True) -> TransformerRLModule:
-        """Switch modes only on a change: RLlib calls ``eval()`` around every rollout forward, and a switch
-        drops the KV cache."""
+        """Switch modes only on a change (RLlib calls ``eval()`` around every rollout forward)."""
         return self if mode == self.training else super().train(mode)
-
-    def set_state(self, state) -> None:
-        """Load new weights (RLlib's weight sync) and drop the now stale rollout cache."""
-        super().set_state(state)
-        self.actor_critic.reset_cache()
 
     def _tokens(self, obs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         ids, mask, action_mask = split_observation(obs)
@@ -101,13 +97,14 @@ class TransformerRLModule(TorchRLModule, ValueFunctionAPI):
     def _forward(self, batch, **kwargs):
         """Action logits at the latest token, through the KV cache (called without gradients)."""
         ids, mask, action_mask = self._tokens(batch[Columns.OBS])
-        logits, _ = self.actor_critic.read_latest(ids, mask, values=False)
+        logits, _ = self.actor_critic.act(ids, mask, self.rollout_cache, values=False)
         return {Columns.ACTION_DIST_INPUTS: mask_logits(logits, action_mask)}
 
     def _forward_train(self, batch, **kwargs):
         """Action logits and the critic's hidden state (``embeddings``), in one full forward with gradients."""
         ids, mask, action_mask = self._tokens(batch[Columns.OBS])
-        logits, hidden = self.actor_critic.read_hidden(ids, mask)
+        logits, _, hidden = self.actor_critic.evaluate(ids, mask)
+        logits, hidden = logits[:, -1], hidden[:, -1]
         return {Columns.ACTION_DIST_INPUTS: mask_logits(logits, action_mask), Columns.EMBEDDINGS: hidden}
 
     def compute_values(self, batch, embeddings=None) -> torch.Tensor:
@@ -118,7 +115,8 @@ class TransformerRLModule(TorchRLModule, ValueFunctionAPI):
         ids, mask, _ = self._tokens(batch[Columns.OBS])
         with torch.no_grad():
             chunks = [
-                self.actor_critic.final_values(ids[i: i + self.value_batch_size], mask[i: i + self.value_batch_size])
+                self.actor_critic.evaluate(ids[i: i + self.value_batch_size], mask[i: i + self.value_batch_size],
+                                           logits=False).values[:, -1]
                 for i in range(0, ids.shape[0], self.value_batch_size)
             ]
         return torch.cat(chunks) if chunks else ids.new_zeros(0, dtype=torch.float32)

@@ -27,6 +27,7 @@ from torch import nn
 
 from agents.actor_critic import TransformerActorCritic
 from agents.integrations._common import token_batch
+from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.tianshou import MASK_KEY
 from lm_gym.sampling import mask_logits
 
@@ -56,6 +57,7 @@ class TokenActor(ActionReprNet):
     def __init__(self, actor_critic: TransformerActorCritic):
         super().__init__()
         self.actor_critic = actor_critic
+        self.rollout_cache = RolloutCache()  # a collector's episodes; new weights invalidate it by themselves
         self.shares_hidden = False  # set by a linked critic
         self._last_hidden: tuple[Any, torch.Tensor] | None = None
 
@@ -63,11 +65,12 @@ class TokenActor(ActionReprNet):
         """(logits (B, V), ``state`` unchanged)."""
         ids, mask = token_batch(obs.input_ids, obs.attention_mask, self.actor_critic.lm.device)
         if self.training and torch.is_grad_enabled():
-            logits, hidden = self.actor_critic.read_hidden(ids, mask)
-            self._last_hidden = (obs, hidden) if self.shares_hidden else None
+            logits, _, hidden = self.actor_critic.evaluate(ids, mask)
+            logits = logits[:, -1]
+            self._last_hidden = (obs, hidden[:, -1]) if self.shares_hidden else None
         else:
             with torch.no_grad():
-                logits, _ = self.actor_critic.read_latest(ids, mask, values=False)
+                logits, _ = self.actor_critic.act(ids, mask, self.rollout_cache, values=False)
         return mask_logits(logits, token_mask(obs)), state
 
     def pop_hidden(self, obs) -> torch.Tensor | None:
@@ -98,7 +101,8 @@ class TokenCritic(nn.Module):
         hidden = self.actor.pop_hidden(obs) if torch.is_grad_enabled() else None
         if hidden is not None:
             return actor_critic.values_of(hidden)
-        return actor_critic.final_values(*token_batch(obs.input_ids, obs.attention_mask, actor_critic.lm.device))
+        ids, mask = token_batch(obs.input_ids, obs.attention_mask, actor_critic.lm.device)
+        return actor_critic.evaluate(ids, mask, logits=False).values[:, -1]
 
 
 def make_tianshou_ppo(actor_critic: TransformerActorCritic, action_space: gym.spaces.Discrete, *, lr: float = 1e-5,

@@ -19,6 +19,7 @@ from torchrl.objectives.value import GAE
 
 from agents.actor_critic import TransformerActorCritic
 from agents.integrations._common import token_batch
+from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.torchrl import ACTION_MASK_KEY, OBSERVATION_KEYS
 from lm_gym.sampling import mask_logits
 
@@ -94,11 +95,12 @@ class LatestTokenLogits(nn.Module):
     def __init__(self, actor_critic: TransformerActorCritic):
         super().__init__()
         self.actor_critic = actor_critic
+        self.rollout_cache = RolloutCache()  # a collector's episodes; new weights invalidate it by themselves
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 action_mask: torch.Tensor | None = None) -> torch.Tensor:
         ids, mask = token_batch(input_ids, attention_mask, self.actor_critic.lm.device)
-        logits, _ = self.actor_critic.read_latest(ids, mask, values=False)
+        logits, _ = self.actor_critic.act(ids, mask, self.rollout_cache, values=False)
         return mask_logits(logits.reshape(*input_ids.shape[:-1], -1), action_mask)
 
 
@@ -114,4 +116,5 @@ class StateValue(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids, mask = token_batch(input_ids, attention_mask, self.actor_critic.lm.device)
-        return self.actor_critic.final_values(ids, mask).reshape(*input_ids.shape[:-1], 1)
+        values = self.actor_critic.evaluate(ids, mask, logits=False).values[:, -1]
+        return values.reshape(*input_ids.shape[:-1], 1)

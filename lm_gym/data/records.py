@@ -111,7 +111,11 @@ def load_records(source: Any, parse: Callable[[str, int, Any], Any], on_error: s
             report.skip(str(rule), line)
         except DataError as err:
             if on_error == "raise":
-                raise
+                raise DataError(
+                    f"{err}\nThis stops at the first malformed row; pass on_error='skip' to skip such rows "
+                    f"instead: the result's .report then counts the rows read, kept and skipped (with each reason "
+                    f"and line)."
+                ) from err
             report.skip(f"malformed ({err})", line)
     report.kept = len(records)
     if report.skipped:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lm_gym.chat import encode_prompt, format_exchange, has_chat_template
-from lm_gym.models import ensure_pad_token
+from lm_gym.models import ensure_pad_token, resolve_device
 from lm_gym.rewards.base import Reward
 from lm_gym.padding import pad_left
 from lm_gym.reference import ReferenceModel
@@ -47,7 +47,7 @@ class RewardModelReward(Reward):
             raise ValueError(f"normalize=True needs {REWARD_STATS_FILE} beside the reward model (its mean and std)")
         ensure_pad_token(tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
-        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
         self.normalize, self.batch_size, self.max_length = normalize, batch_size, max_length
 

@@ -1,0 +1,102 @@
+"""The rollout cache: what acting keeps between steps, so that each step runs only the new token of each row.
+
+A :class:`RolloutCache` belongs to one rollout loop (LMPPO's, an evaluation, an adapter's collector). It keeps,
+per backbone, an :class:`lm_gym.episode_batch.EpisodeBatch` of the rows' tokens and KV cache. The loop calls
+:meth:`RolloutCache.reset` with the rows whose episodes ended (their next observation is a new prompt); a row
+whose observation is not exactly its previous one plus one token is prefilled afresh all the same, so the
+cache never serves keys and values of other tokens. Nor of other weights: any optimizer step or in-place
+write to the parameters since the cache was filled drops it (:func:`weights_version`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from lm_gym.episode_batch import EpisodeBatch
+from lm_gym.padding import mask_positions
+
+_optimizer_steps = 0  # steps of every torch optimizer in this process
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def weights_version(model) -> tuple[int, int]:
+    """A value that changes whenever ``model``'s weights may have: the process's optimizer steps (fused
+    optimizers do not bump tensor versions) and the parameters' version counters (``load_state_dict``,
+    ``copy_`` and other in-place writes bump them)."""
+    return _optimizer_steps, sum(p._version for p in model.parameters())
+
+
+def full_forward(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, keep, V), last hidden states (B, keep, H)), float32, at the last ``keep`` positions of
+    left-padded sequences: one forward (with gradients when enabled)."""
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False, logits_to_keep=keep,
+        output_hidden_states=True,
+    )
+    return out.logits.float(), out.hidden_states[-1][:, -keep:].float()
+
+
+class _BackboneCache:
+    """One backbone's rows: the episode batch, the previous observation and the weights it was computed with."""
+
+    def __init__(self, model, pad_token_id: int, rows: int, length: int):
+        self.batch = EpisodeBatch(model, rows, length, pad_token_id, keep_hidden=True)
+        self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.version = weights_version(model)
+        self.restarted = torch.zeros(rows, dtype=torch.bool, device=self.batch.device)
+
+    def fits(self, model, ids: torch.Tensor) -> bool:
+        return (self.batch.num_rows, self.batch.max_tokens) == tuple(ids.shape) and (
+            self.version == weights_version(model))
+
+    def extends(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rows whose observation is the previous one plus one token (and that have room for it)."""
+        if self.previous is None:
+            return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        previous_ids, previous_mask = self.previous
+        same_prefix = (ids[:, :-1] == previous_ids[:, 1:]).all(dim=1) & (mask[:, :-1] == previous_mask[:, 1:]).all(1)
+        grew = (mask[:, -1] == 1) & (mask.sum(dim=1) == previous_mask.sum(dim=1) + 1)
+        return same_prefix & grew & (self.batch.lengths < self.batch.max_tokens) & ~self.restarted
+
+
+class RolloutCache:
+    """KV caches of one rollout loop, one per backbone (see the module docstring)."""
+
+    def __init__(self):
+        self._backbones: dict[int, _BackboneCache] = {}
+
+    def reset(self, rows: Iterable[int] | None = None) -> None:
+        """Forget ``rows`` (their episodes ended), or every row: their next observation is prefilled afresh."""
+        if rows is None:
+            self._backbones.clear()
+            return
+        rows = list(rows)
+        for backbone in self._backbones.values():
+            backbone.restarted[rows] = True
+
+    @torch.no_grad()
+    def latest(self, model, pad_token_id: int, ids: torch.Tensor, mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs (B, V), last hidden state (B, H)) of ``model`` at the latest position of each row, running
+        only the new token of rows that extend their previous observation."""
+        backbone = self._backbones.get(id(model))
+        if backbone is None or not backbone.fits(model, ids):
+            backbone = self._backbones[id(model)] = _BackboneCache(model, pad_token_id, *ids.shape)
+        batch = backbone.batch
+        extends = backbone.extends(ids, mask)
+        fresh = (~extends).nonzero().squeeze(1).tolist()
+        batch.append(ids[:, -1], record=extends, forward=extends)  # rows not extended are refilled below
+        if fresh:
+            batch.prefill(fresh, [ids[row][mask[row].bool()].tolist() for row in fresh])
+        backbone.previous, backbone.restarted[:] = (ids.clone(), mask.clone()), False
+        return batch.next_logprobs, batch.next_hidden
