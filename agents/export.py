@@ -16,8 +16,9 @@ def export_pretrained(policy_or_model, directory: str | os.PathLike, tokenizer=N
     :return: the directory; ``AutoModelForCausalLM.from_pretrained`` loads it and the env accepts it as ``model=``.
     """
     policy = getattr(policy_or_model, "policy", policy_or_model)
-    model = getattr(policy, "lm", policy)
-    tokenizer = tokenizer or getattr(policy, "tokenizer", None)
+    actor_critic = getattr(policy, "actor_critic", None)
+    model = policy if actor_critic is None else actor_critic.lm
+    tokenizer = tokenizer or getattr(actor_critic, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("export_pretrained needs tokenizer= when given a bare model")
     if hasattr(model, "merge_and_unload"):

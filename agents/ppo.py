@@ -3,7 +3,8 @@
 Same API as SB3's ``PPO`` (``learn``, ``save``, ``load``, ``predict``), same clipped objective, but:
 
 - rollouts store each episode once as :class:`agents.segments.Segment` (context, tokens, log-probs,
-  values, reference log-probs, rewards), not one padded observation per token;
+  values, reference log-probs, rewards), not one padded observation per token, in a
+  :class:`agents.segments.Rollout` that ``train()`` reads;
 - ``train()`` evaluates every token of a segment in one forward of the Transformer;
 - the PPO-for-LM recipe: token-level KL penalty to the reference in the reward (r_t = -β·(log π - log π_ref),
   plus the env's sequence reward on the last token), GAE with γ = 1, λ = 0.95, value bootstrap on
@@ -28,11 +29,11 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn.parallel import DistributedDataParallel
 
 from agents import distributed
-from agents.advantages import KLController, gae, kl_shaped_rewards, masked_whiten
+from agents.advantages import KLController, masked_whiten
 from agents.policy import TransformerActorCriticPolicy, observation_tokens
 from agents.ptx import PretrainingBatches
 from agents.rollout_cache import RolloutCache
-from agents.segments import SegmentBatch, SegmentCollector
+from agents.segments import Rollout, SegmentBatch, SegmentCollector
 from lm_gym.episode_rules import TURN_ENDED_KEY
 from lm_gym.padding import pad_left, trim_left
 from lm_gym.rewards.combine import RunningMeanStd
@@ -93,8 +94,7 @@ class LMPPO(PPO):
     def _setup_model(self) -> None:
         super()._setup_model()
         self.rollout_buffer = None  # replaced by segments: nothing is stored per padded observation
-        self.segments: list = []
-        self.allowed: torch.Tensor | None = None
+        self.rollout = Rollout()  # what collect_rollouts leaves for train
         self.reference = self._make_reference()
         self.ptx = None
         self.data_parallel = None
@@ -118,7 +118,7 @@ class LMPPO(PPO):
             self.policy_kwargs = kwargs
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "segments", "reference", "ptx", "data_parallel"]
+        return [*super()._excluded_save_params(), "rollout", "reference", "ptx", "data_parallel"]
 
     @property
     def actor_critic(self):
@@ -187,12 +187,11 @@ class LMPPO(PPO):
         for row, value in zip(open_rows, last_values):
             collector.close(row, value)
         self._last_obs = obs
-        self.segments = collector.finished
-        self.allowed = allowed
+        segments = collector.finished
         if self._deferred_values:
-            self._fill_values()
-        self._fill_reference_logprobs()
-        self.rollout_seconds = time.perf_counter() - started
+            self._fill_values(segments)
+        self._fill_reference_logprobs(segments)
+        self.rollout = Rollout(segments, allowed, time.perf_counter() - started)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
@@ -220,9 +219,9 @@ class LMPPO(PPO):
             return ReferenceModel(lm, tokenizer)
         return ReferenceModel.frozen_copy(lm, tokenizer)
 
-    def _fill_reference_logprobs(self) -> None:
+    def _fill_reference_logprobs(self, segments: list) -> None:
         """Where the env gave no ``ref_logprob``, score the segments with the reference: one forward each."""
-        missing = [s for s in self.segments if any(np.isnan(s.ref_logprobs))]
+        missing = [s for s in segments if any(np.isnan(s.ref_logprobs))]
         if not missing:
             return
         scored = self.reference.continuation_logprobs([s.context for s in missing], [s.tokens for s in missing])
@@ -258,12 +257,12 @@ class LMPPO(PPO):
         """A separate critic is scored after the rollout, one forward per episode (:meth:`_fill_values`)."""
         return self.actor_critic.value_backbone is not None
 
-    def _fill_values(self, chunk: int = 16) -> None:
+    def _fill_values(self, all_segments: list, chunk: int = 16) -> None:
         """A separate critic's values for every state of every segment, and the bootstrap value after the last
         token where the segment was truncated: one forward of the critic per segment, in batches of ``chunk``."""
         pad = self.actor_critic.tokenizer.pad_token_id
-        for start in range(0, len(self.segments), chunk):
-            segments = self.segments[start : start + chunk]
+        for start in range(0, len(all_segments), chunk):
+            segments = all_segments[start : start + chunk]
             keep = max(len(s.tokens) for s in segments) + 1
             ids, mask = pad_left([s.context + s.tokens for s in segments], pad, self.device)
             with torch.no_grad():
@@ -318,16 +317,15 @@ class LMPPO(PPO):
             self.policy.actor_critic, find_unused_parameters=not actor, forward_sync_buffers=False)
 
     def _prepare_batch(self) -> SegmentBatch:
-        """Pad the segments, add the KL penalty to the (normalised) rewards, compute GAE advantages."""
-        data = SegmentBatch.from_segments(self.segments, self.actor_critic.tokenizer.pad_token_id, self.device)
+        """The rollout's segments padded, with advantages from the (normalised) rewards and the KL penalty."""
+        data = self.rollout.batch(self.actor_critic.tokenizer.pad_token_id, self.device)
         scores, scored = data.scores, data.scored.bool()
         scored_scores = distributed.gather(scores[scored])  # every rank's, for the same statistics everywhere
         if self.normalize_reward and len(scored_scores):
             self.reward_stats.update(scored_scores)
             normalised = self.reward_stats.normalise(scores).clamp(-self.reward_clip, self.reward_clip)
             scores = torch.where(scored, normalised, scores)
-        rewards = kl_shaped_rewards(scores, data.logprobs, data.ref_logprobs, data.mask, self.kl_coef)
-        data.advantages, data.returns = gae(rewards, data.values, data.mask, data.next_values, self.gamma, self.gae_lambda)
+        data.compute_advantages(scores, self.kl_coef, self.gamma, self.gae_lambda)
         return data
 
     def _minibatches(self, mask: torch.Tensor) -> list[list[int]]:
@@ -375,7 +373,7 @@ class LMPPO(PPO):
         columns = sub.positions()
         logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
         values = values.gather(1, columns)
-        distribution = torch.distributions.Categorical(logits=mask_logits(logits, self.allowed))
+        distribution = torch.distributions.Categorical(logits=mask_logits(logits, self.rollout.allowed))
         log_prob, entropy, valid = distribution.log_prob(sub.tokens), distribution.entropy(), sub.mask.bool()
         advantages = trim(data.advantages)
         if self.normalize_advantage and valid.sum() > 1:
@@ -410,7 +408,7 @@ class LMPPO(PPO):
         kl = distributed.gather(((data.logprobs - data.ref_logprobs) * data.mask).sum(dim=1))
         lengths = distributed.gather(data.mask.sum(dim=1).float())
         episodes = distributed.gather_objects(
-            [(sum(s.scores), s.terminated, s.reward_components) for s in self.segments if s.ended])
+            [(sum(s.scores), s.terminated, s.reward_components) for s in self.rollout.segments if s.ended])
         values, returns = (distributed.gather(t[valid]).numpy() for t in (data.values, data.returns))
         self.logger.record("train/explained_variance", explained_variance(values, returns))
         self.logger.record("train/kl_coef", self.kl_coef)  # the β this rollout's rewards used
@@ -425,7 +423,7 @@ class LMPPO(PPO):
                 parts = [e[2][name] for e in episodes if name in e[2]]
                 self.logger.record(f"rollout/reward_{name}", float(np.mean(parts)))
         tokens = int(lengths.sum())
-        self.logger.record("time/rollout_tokens_per_s", tokens / max(self.rollout_seconds, 1e-9))
+        self.logger.record("time/rollout_tokens_per_s", tokens / max(self.rollout.seconds, 1e-9))
         self.logger.record("time/train_tokens_per_s", tokens * self.n_epochs / max(train_seconds, 1e-9))
         self._watch(float(kl.mean()), float(lengths.mean()))
         return float(kl.mean()), tokens

@@ -3,7 +3,9 @@
 A rollout of n steps over N env rows yields segments: each starts where an episode (or the rollout)
 started and ends at the episode's end or the rollout's end. Per token a segment keeps the policy's
 log-prob, the value, the reference log-prob and the env's reward; nothing is stored per padded observation.
-:class:`SegmentBatch` pads a list of segments into tensors for one forward per segment.
+A :class:`Rollout` is what a rollout leaves for the update: its segments, the allowed-token mask they were
+sampled under and the time it took. :class:`SegmentBatch` pads the segments into tensors for one forward per
+segment and computes its own returns and advantages.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from agents.advantages import gae, kl_shaped_rewards
 from lm_gym.padding import pad_left, pad_right
 
 
@@ -70,6 +73,24 @@ class SegmentCollector:
 
 
 @dataclass
+class Rollout:
+    """One rollout as the update reads it.
+
+    :param segments: the finished segments, each with its bootstrap value and reference log-probs filled in.
+    :param allowed: the (V,) allowed-token mask the tokens were sampled under, or None (every token).
+    :param seconds: wall time of the rollout.
+    """
+
+    segments: list[Segment] = field(default_factory=list)
+    allowed: torch.Tensor | None = None
+    seconds: float = 0.0
+
+    def batch(self, pad_token_id: int, device) -> "SegmentBatch":
+        """The segments padded into tensors on ``device``."""
+        return SegmentBatch.from_segments(self.segments, pad_token_id, device)
+
+
+@dataclass
 class SegmentBatch:
     """Segments as padded tensors: the sequences (right-aligned) and the per-token statistics (left-aligned)."""
 
@@ -98,6 +119,12 @@ class SegmentBatch:
                 table[row, : len(segment.tokens)] = torch.as_tensor(getattr(segment, name), dtype=torch.float32)
         next_values = torch.tensor([s.next_value for s in segments], device=device)
         return cls(ids, attention, tokens, mask.float(), *(per_token[k].to(device) for k in names), next_values)
+
+    def compute_advantages(self, scores: torch.Tensor, kl_coef: float, gamma: float, lam: float) -> None:
+        """Set ``advantages`` and ``returns``: GAE(γ, λ) over the per-token rewards r_t = scores_t - kl_coef ·
+        (log π - log π_ref), ``scores`` being the env's rewards (S, T) after any normalisation."""
+        rewards = kl_shaped_rewards(scores, self.logprobs, self.ref_logprobs, self.mask, kl_coef)
+        self.advantages, self.returns = gae(rewards, self.values, self.mask, self.next_values, gamma, lam)
 
     def positions(self) -> torch.Tensor:
         """(S, T) column of the state before each token, among the last T + 1 columns of ``ids``."""

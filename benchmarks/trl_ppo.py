@@ -135,7 +135,7 @@ def _our_iteration(agent: LMPPO, env: SB3VecEnv, prompts: list[str], reward: Tim
     started = time.perf_counter()
     agent.learn(total_timesteps=env.num_envs * agent.n_steps, callback=clock)
     ended = time.perf_counter()
-    segments = agent.segments
+    segments = agent.rollout.segments
     return {"iteration_s": ended - started, "rollout_s": clock.rollout_ended - started,
             "update_s": ended - clock.rollout_ended, "reward_model_s": reward.seconds,
             "optimizer_s": optimizer.seconds, "optimizer_steps": optimizer.steps,

@@ -114,9 +114,10 @@ class EnvConfig:
             raise TypeError(
                 f"config={config!r:.80} is not an EnvConfig; pass env settings by keyword, e.g. model='tiny'"
             )
-        unknown = set(settings) - set(cls.field_names())
-        if unknown:
-            raise TypeError(f"unknown env settings {sorted(unknown)}; expected among {list(cls.field_names())}")
+        unknown = sorted(set(settings) - set(cls.field_names()))
+        if unknown:  # Python's own wording, which clients match on (TorchRL's GymEnv retries without frameskip)
+            raise TypeError(f"got an unexpected keyword argument {unknown[0]!r} (unknown env settings: {unknown}); "
+                            f"expected among {list(cls.field_names())}")
         return dataclasses.replace(config or cls(), **settings)
 
     @classmethod

@@ -81,7 +81,7 @@ def test_rollout_log_probs_match_the_one_forward_per_segment_evaluation(env):
     agent = make_agent(env)
     data = collect(agent)
     assert data.mask.sum() == agent.n_steps * agent.n_envs
-    _, stats = agent.segment_loss(data, list(range(len(agent.segments))), 0.2, 0.2)
+    _, stats = agent.segment_loss(data, list(range(len(agent.rollout.segments))), 0.2, 0.2)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and stats["approx_kl"] < 1e-8
 
 
@@ -90,9 +90,9 @@ def test_segments_bootstrap_truncation_not_termination(env):
     assert not agent.actor_critic.value_net_head.weight.any()  # V starts at 0: no random baseline
     torch.nn.init.normal_(agent.actor_critic.value_net_head.weight)  # a critic that has learned something
     collect(agent)
-    ended = [s for s in agent.segments if s.ended]
+    ended = [s for s in agent.rollout.segments if s.ended]
     assert any(s.terminated is False for s in ended)  # the length limit truncates: bootstrapped
-    for segment in agent.segments:
+    for segment in agent.rollout.segments:
         if segment.terminated:
             assert segment.next_value == 0.0
         else:
@@ -131,7 +131,7 @@ def per_token_observations(segments, length):
 def test_update_equals_stock_sb3_ppo_on_the_same_batch(env):
     agent = make_agent(env)
     data = collect(agent)
-    segments = agent.segments
+    segments = agent.rollout.segments
     stock = PPO(TransformerActorCriticPolicy, env, n_steps=int(data.mask.sum()), batch_size=int(data.mask.sum()),
                 n_epochs=1, learning_rate=1e-3, clip_range_vf=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=1e9,
                 device="cpu", seed=0, policy_kwargs={"model": "tiny", "temperature": 0.7,
@@ -222,7 +222,7 @@ def test_reference_log_probs_are_computed_when_the_env_gives_none(tiny, lora):
     for env in (with_reference, without):
         agent = make_agent(env, policy_kwargs={"model": "tiny", "temperature": 0.7, "lora": lora})
         collect(agent)
-        collected.append([value for s in agent.segments for value in s.ref_logprobs])
+        collected.append([value for s in agent.rollout.segments for value in s.ref_logprobs])
     assert len(collected[0]) == len(collected[1]) == 16
     assert collected[1] == pytest.approx(collected[0], abs=1e-4)
 

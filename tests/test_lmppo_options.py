@@ -168,7 +168,7 @@ def test_lmppo_scores_the_reference_itself_when_the_env_does_not(tiny):
                         reward=length_reward, reference_logprobs=reference_logprobs)
         agent = make_agent(env, learning_rate=0.0)
         agent.learn(2 * agent.n_steps * agent.n_envs)
-        segments.append(agent.segments)
+        segments.append(agent.rollout.segments)
     assert [s.tokens for s in segments[0]] == [s.tokens for s in segments[1]]
     scored = [v for s in segments[0] for v in s.ref_logprobs]
     computed = [v for s in segments[1] for v in s.ref_logprobs]
@@ -180,9 +180,9 @@ def test_a_separate_critic_is_scored_once_per_episode_after_the_rollout(tiny):
     torch.nn.init.normal_(agent.actor_critic.value_net_head.weight)  # a critic with something to say
     agent._setup_learn(agent.n_steps * agent.n_envs, callback=None)
     agent.collect_rollouts(agent.env, agent._init_callback(None), None, agent.n_steps)
-    assert any(s.terminated is False and s.ended for s in agent.segments)  # truncated: bootstrapped
-    assert any(not s.ended for s in agent.segments)  # cut by the rollout's end: bootstrapped too
-    for segment in agent.segments:
+    assert any(s.terminated is False and s.ended for s in agent.rollout.segments)  # truncated: bootstrapped
+    assert any(not s.ended for s in agent.rollout.segments)  # cut by the rollout's end: bootstrapped too
+    for segment in agent.rollout.segments:
         prefixes = [segment.context + segment.tokens[:j] for j in range(len(segment.tokens) + 1)]
         with torch.no_grad():
             expected = [float(agent.actor_critic.evaluate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long),

@@ -40,7 +40,7 @@ def test_lmppo_takes_the_maskable_policy(masked_env):
     agent = LMPPO(MaskableTransformerActorCriticPolicy, masked_env, n_steps=3, batch_size=8, n_epochs=1,
                   policy_kwargs={"model": "tiny", "device": "cpu"}, device="cpu", seed=0)
     agent.learn(6)
-    assert all(token in ALLOWED for segment in agent.segments for token in segment.tokens)
+    assert all(token in ALLOWED for segment in agent.rollout.segments for token in segment.tokens)
 
 
 def test_a_reward_function_without_context_keywords_works(make_tiny_env):

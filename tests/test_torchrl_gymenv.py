@@ -46,7 +46,7 @@ def test_reset_info_keys_are_in_every_step_info(make_tiny_env):
         *_, info = env.step(action)
         assert set(info) == {"ref_logprob"}
     *_, truncated, info = env.step(7)
-    assert truncated and {"ref_logprob", "prompt_text", "response_text", "reward_components"} == set(info)
+    assert truncated and {"ref_logprob", "turn_ended", "prompt_text", "response_text", "reward_components"} == set(info)
     assert env.reset(seed=1)[1] == {} and env.step(stop_id(env))[2]
 
 
