@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
 

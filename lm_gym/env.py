@@ -40,7 +40,8 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
 
     Each episode starts from a prompt; every step appends the agent's token. The episode terminates on a
     stop token and is truncated at ``max_new_tokens``. The reward comes on the last step (0 before), from
-    ``reward`` scoring the decoded prompt and response. ``info["ref_logprob"]`` is log π_ref of the token
+    ``reward`` scoring the decoded prompt and response; that step's info holds ``turn_ended`` (True),
+    ``prompt_text``, ``response_text`` and ``reward_components``. Reset infos are empty. ``info["ref_logprob"]`` is log π_ref of the token
     under the env's LM, computed incrementally with a KV cache (one new token per step).
 
     Observations are ``{"input_ids", "attention_mask"}``, each int64 of length L = ``max_prompt_tokens +

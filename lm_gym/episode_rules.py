@@ -22,10 +22,8 @@ from lm_gym.data.prompts import Prompt, PromptSampler, load_prompts, prompt_text
 from lm_gym.episode_batch import EpisodeBatch
 from lm_gym.models import output_vocab_size, resolve_model
 from lm_gym.reference import ReferenceModel
-from lm_gym.rewards import as_reward, default_reward
-from lm_gym.rewards.base import Reward
+from lm_gym.rewards import Reward, as_reward, default_reward
 from lm_gym.sampling import sample_continuations
-
 
 TURN_ENDED_KEY = "turn_ended"  # in the info of a step that ended an agent turn: its reward is the turn's
 

@@ -11,7 +11,7 @@ import torch
 from agents import LMPPO, MaskableTransformerActorCriticPolicy
 from agents.cli import main
 from agents.train import TrainConfig
-from lm_gym import FunctionReward, LanguageModelEnv, load_model
+from lm_gym import LanguageModelEnv, load_model
 from lm_gym.data import DataError, load_preferences
 from lm_gym.sb3 import SB3VecEnv
 

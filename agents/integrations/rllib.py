@@ -33,8 +33,6 @@ disallowed tokens a huge negative logit (zero probability, finite entropy).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
@@ -50,8 +48,8 @@ from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.rllib import ENV_NAME, register_env, split_observation
 from lm_gym.sampling import mask_logits
 
-ACTOR_CRITIC_KEYS = tuple(
-    p for p in inspect.signature(TransformerActorCritic.from_pretrained).parameters if p not in ("cls", "value_init"))
+# TransformerActorCritic.from_pretrained keywords the module passes on (the documented model_config keys)
+ACTOR_CRITIC_KEYS = ("model", "tokenizer", "value_head", "value_model", "lora", "temperature", "device")
 MODULE_KEYS = ACTOR_CRITIC_KEYS + ("learning_rates", "value_batch_size")
 
 
