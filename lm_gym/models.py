@@ -73,7 +73,7 @@ def adapters_disabled(model):
     """Run ``model`` as its base model: PEFT adapters injected into it are switched off inside the block.
 
     A LoRA policy may share its base weights with the env's LM (its adapters live inside the same modules);
-    the env and the reward scorers use this so that the env's LM stays the frozen reference.
+    :class:`lm_gym.reference.ReferenceModel` runs every forward inside this, so the env's LM stays the reference.
     """
     if not hasattr(model, "peft_config"):
         yield model
