@@ -14,8 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from agents.rollout_cache import RolloutCache, full_forward
+from agents.rollout_cache import RolloutCache
 from lm_gym.models import resolve_model
+from lm_gym.padding import mask_positions
 
 PARTS = ("body", "head", "value")
 
@@ -139,6 +140,22 @@ class TransformerActorCritic(nn.Module):
         if self.value_backbone is not None:
             self.value_backbone.eval()
         return self
+
+
+def token_batch(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), int64 (B, L) on ``device``, from token observations (arrays or tensors) of any batch shape."""
+    ids, mask = (torch.as_tensor(x, device=device) for x in (input_ids, attention_mask))
+    return ids.reshape(-1, ids.shape[-1]).long(), mask.reshape(-1, mask.shape[-1]).long()
+
+
+def full_forward(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, keep, V), last hidden states (B, keep, H)), float32, at the last ``keep`` positions of
+    left-padded sequences: one forward (with gradients when enabled)."""
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False, logits_to_keep=keep,
+        output_hidden_states=True,
+    )
+    return out.logits.float(), out.hidden_states[-1][:, -keep:].float()
 
 
 def apply_lora(model, lora):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agents.policy import observation_tokens
-from agents.ppo import LMPPO, obs_to_tensors
+from agents.actor_critic import token_batch
+from agents.ppo import LMPPO
 from agents.rollout_cache import RolloutCache
 from lm_gym.sampling import sample_tokens
 from lm_gym.sb3 import SB3VecEnv
@@ -27,7 +27,8 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
     done, cache = np.zeros(env.num_envs, dtype=bool), RolloutCache()
     rewards, kl, infos = np.zeros(env.num_envs), np.zeros(env.num_envs), [None] * env.num_envs
     while not done.all():
-        logits, _ = agent.actor_critic.act(*observation_tokens(obs_to_tensors(obs, agent.device)), cache, values=False)
+        ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], agent.device)
+        logits, _ = agent.actor_critic.act(ids, mask, cache, values=False)
         actions, logprobs = sample_tokens(logits)
         logprobs = logprobs.cpu().numpy()
         obs, step_rewards, dones, step_infos = env.step(actions.cpu().numpy())

@@ -14,7 +14,7 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from agents.actor_critic import PARTS, TransformerActorCritic
+from agents.actor_critic import PARTS, TransformerActorCritic, token_batch
 from agents.reward_model import critic_start
 from agents.rollout_cache import RolloutCache
 
@@ -104,13 +104,18 @@ class TransformerPolicyMixin:
     def _act(self, obs, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rollouts: (action logits (B, V), values (B, 1) or None) at the latest position, through the policy's
         rollout cache (see :meth:`agents.actor_critic.TransformerActorCritic.act`)."""
-        logits, value = self.actor_critic.act(*observation_tokens(obs), self.rollout_cache, values)
+        logits, value = self.actor_critic.act(*self._tokens(obs), self.rollout_cache, values)
         return logits, None if value is None else value[:, None]
 
     def _evaluate_latest(self, obs, logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Training: (action logits (B, V) or None, values (B, 1)) at the latest position, one full forward."""
-        evaluation = self.actor_critic.evaluate(*observation_tokens(obs), logits=logits)
+        evaluation = self.actor_critic.evaluate(*self._tokens(obs), logits=logits)
         return None if evaluation.logits is None else evaluation.logits[:, -1], evaluation.values[:, -1:]
+
+    def _tokens(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) of a batch of dict observations, int64 on the LM's device (SB3 hands over
+        floats)."""
+        return token_batch(obs["input_ids"], obs["attention_mask"], self.actor_critic.lm.device)
 
     def predict_values(self, obs) -> torch.Tensor:
         """V(s) (B, 1) for a batch of observations (one forward of the critic's backbone, no cache)."""
@@ -176,8 +181,3 @@ class MaskableTransformerActorCriticPolicy(TransformerPolicyMixin, MaskableActor
     def get_distribution(self, obs, action_masks=None):
         """π(·|s) under the mask."""
         return self._masked(self._act(obs, values=False)[0], action_masks)
-
-
-def observation_tokens(obs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask) of a batch of dict observations as int64 tensors (SB3 hands over floats)."""
-    return obs["input_ids"].long(), obs["attention_mask"].long()

@@ -29,8 +29,9 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn.parallel import DistributedDataParallel
 
 from agents import distributed
+from agents.actor_critic import token_batch
 from agents.advantages import KLController, masked_whiten
-from agents.policy import TransformerActorCriticPolicy, observation_tokens
+from agents.policy import TransformerActorCriticPolicy
 from agents.ptx import PretrainingBatches
 from agents.rollout_cache import RolloutCache
 from agents.segments import Rollout, SegmentBatch, SegmentCollector
@@ -169,8 +170,8 @@ class LMPPO(PPO):
         callback.on_rollout_start()
         while steps < n_rollout_steps:
             with torch.no_grad():
-                logits, values = self.actor_critic.act(*observation_tokens(obs_to_tensors(obs, self.device)),
-                                                       cache, values=not self._deferred_values)
+                ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], self.device)
+                logits, values = self.actor_critic.act(ids, mask, cache, values=not self._deferred_values)
                 values = torch.full((len(logits),), float("nan")) if values is None else values
                 actions, log_probs = sample_tokens(logits, allowed=allowed)
             actions = actions.cpu().numpy()
@@ -247,7 +248,7 @@ class LMPPO(PPO):
         obs, batched = self.policy.obs_to_tensor(observation)  # one env's observation gets a batch axis
         allowed = torch.as_tensor(np.asarray(action_masks), device=self.device).bool()
         with torch.no_grad():
-            logits, _ = self.actor_critic.act(*observation_tokens(obs), self.policy.rollout_cache, values=False)
+            logits, _ = self.actor_critic.act(*self.policy._tokens(obs), self.policy.rollout_cache, values=False)
             actions, _ = sample_tokens(logits, allowed=allowed.reshape(len(logits), -1), greedy=deterministic)
         actions = actions.cpu().numpy()
         return (actions if batched else actions[0]), state
@@ -483,11 +484,6 @@ def portable_policy_kwargs(kwargs: dict) -> dict:
 def _context(obs, row: int) -> list[int]:
     mask = np.asarray(obs["attention_mask"][row]).astype(bool)
     return np.asarray(obs["input_ids"][row])[mask].astype(np.int64).tolist()
-
-
-def obs_to_tensors(obs, device) -> dict[str, torch.Tensor]:
-    """A dict observation of arrays as tensors on ``device``."""
-    return {key: torch.as_tensor(value, device=device) for key, value in obs.items()}
 
 
 def rng_states() -> dict:

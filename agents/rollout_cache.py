@@ -16,7 +16,6 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lm_gym.episode_batch import EpisodeBatch
-from lm_gym.padding import mask_positions
 
 _optimizer_steps = 0  # steps of every torch optimizer in this process
 
@@ -34,16 +33,6 @@ def weights_version(model) -> tuple[int, int]:
     optimizers do not bump tensor versions) and the parameters' version counters (``load_state_dict``,
     ``copy_`` and other in-place writes bump them)."""
     return _optimizer_steps, sum(p._version for p in model.parameters())
-
-
-def full_forward(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, keep, V), last hidden states (B, keep, H)), float32, at the last ``keep`` positions of
-    left-padded sequences: one forward (with gradients when enabled)."""
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False, logits_to_keep=keep,
-        output_hidden_states=True,
-    )
-    return out.logits.float(), out.hidden_states[-1][:, -keep:].float()
 
 
 class _BackboneCache:

@@ -12,7 +12,6 @@ from stable_baselines3 import A2C, PPO
 
 import lm_gym
 from agents import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
-from agents.policy import observation_tokens
 from lm_gym.sb3 import SB3VecEnv
 
 
@@ -38,7 +37,7 @@ def as_tensors(obs):
 def act(policy, obs):
     """(logits, values) at the latest position, through the policy's rollout cache (no gradients) or a full
     forward (gradients enabled)."""
-    return policy.actor_critic.act(*observation_tokens(as_tensors(obs)), policy.rollout_cache)
+    return policy.actor_critic.act(*policy._tokens(as_tensors(obs)), policy.rollout_cache)
 
 
 @pytest.mark.parametrize("value_head", ["shared", "separate"])

@@ -41,8 +41,7 @@ from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
-from agents.actor_critic import PARTS, TransformerActorCritic
-from agents.integrations._common import token_batch
+from agents.actor_critic import PARTS, TransformerActorCritic, token_batch
 from agents.reward_model import critic_start
 from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.rllib import ENV_NAME, register_env, split_observation

@@ -25,8 +25,7 @@ from tianshou.algorithm.optim import AdamOptimizerFactory
 from tianshou.utils.net.common import ActionReprNet
 from torch import nn
 
-from agents.actor_critic import TransformerActorCritic
-from agents.integrations._common import token_batch
+from agents.actor_critic import TransformerActorCritic, token_batch
 from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.tianshou import MASK_KEY
 from lm_gym.sampling import mask_logits

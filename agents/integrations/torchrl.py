@@ -17,8 +17,7 @@ from torchrl.envs import EnvBase
 from torchrl.modules import ProbabilisticActor, ValueOperator
 from torchrl.objectives.value import GAE
 
-from agents.actor_critic import TransformerActorCritic
-from agents.integrations._common import token_batch
+from agents.actor_critic import TransformerActorCritic, token_batch
 from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.torchrl import ACTION_MASK_KEY, OBSERVATION_KEYS
 from lm_gym.sampling import mask_logits
