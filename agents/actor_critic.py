@@ -4,6 +4,10 @@ The LM head gives the action logits (divided by ``temperature``: the same logits
 log-probs); a value head on a last hidden state gives V(s). The stable-baselines3 policies
 (:mod:`agents.policy`) and the RLlib, TorchRL and Tianshou adapters (:mod:`agents.integrations`) are thin
 shells around one :class:`TransformerActorCritic`.
+
+Precision (:mod:`lm_gym.precision`): trainable weights are float32 (the master weights); in bf16 the LM
+forwards run under autocast, a frozen LoRA base may hold bf16 weights, and the logits, log-probs, entropy,
+values and hidden states this module returns are float32 in every precision.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import torch
 from torch import nn
 
 from agents.rollout_cache import RolloutCache
+from lm_gym.logprobs import CHUNK_POSITIONS, check_output_logits, last_hidden_states, output_logits, token_logprobs
 from lm_gym.models import resolve_model
-from lm_gym.padding import mask_positions
+from lm_gym.precision import autocast_off, resolve_precision
 
 PARTS = ("body", "head", "value")
 
@@ -25,8 +30,16 @@ class Evaluation(NamedTuple):
     """What :meth:`TransformerActorCritic.evaluate` gives at the last ``keep`` positions of each sequence."""
 
     logits: torch.Tensor | None  # (B, keep, V) float32 action logits, already divided by the temperature
-    values: torch.Tensor  # (B, keep) V(s)
-    hidden: torch.Tensor  # (B, keep, H) the critic's last hidden states (V = values_of(hidden))
+    values: torch.Tensor  # (B, keep) float32 V(s)
+    hidden: torch.Tensor  # (B, keep, H) float32 the critic's last hidden states (V = values_of(hidden))
+
+
+class TokenEvaluation(NamedTuple):
+    """What the training forward (:meth:`TransformerActorCritic.forward`) gives for the tokens it scores."""
+
+    logprobs: torch.Tensor  # (B, T) float32 log π(token | state), 0 where not scored
+    entropy: torch.Tensor  # (B, T) float32 entropy of π at the state, 0 where not scored
+    values: torch.Tensor  # (B, T) float32 V(state before the token)
 
 
 class TransformerActorCritic(nn.Module):
@@ -43,13 +56,21 @@ class TransformerActorCritic(nn.Module):
     :param value_init: ``(weight, bias)`` to start the value head from; default zeros (V = 0 at the start,
         so the first advantages hold no random baseline).
     :param temperature: π(a|s) = softmax(logits / temperature).
+    :param precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (see :mod:`lm_gym.precision`): bf16 runs the
+        forwards under autocast; default ``$LM_GYM_PRECISION``, else ``"auto"``.
+    :param chunk: positions per output-head chunk of the training forward (:mod:`lm_gym.logprobs`).
     """
 
-    def __init__(self, lm, tokenizer, value_backbone=None, value_init=None, temperature: float = 1.0):
+    def __init__(self, lm, tokenizer, value_backbone=None, value_init=None, temperature: float = 1.0,
+                 precision=None, chunk: int = CHUNK_POSITIONS):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        for name, model in (("lm", lm), ("value_backbone", value_backbone)):
+            require_float32_training(model, name)
         self.lm, self.value_backbone, self.tokenizer, self.temperature = lm, value_backbone, tokenizer, temperature
+        self.precision, self.chunk = resolve_precision(precision, lm.device), chunk
+        check_output_logits(lm)
         hidden = (value_backbone or lm).config.get_text_config().hidden_size
         self.value_net_head = nn.Linear(hidden, 1).to(lm.device)
         with torch.no_grad():
@@ -60,27 +81,49 @@ class TransformerActorCritic(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model="default", tokenizer=None, *, value_head: str = "shared", value_model=None, value_init=None,
-        lora=None, temperature: float = 1.0, device=None,
+        lora=None, temperature: float = 1.0, device=None, precision=None,
     ) -> "TransformerActorCritic":
         """Load (or take) the LM and build the actor-critic; the keywords are the SB3 policy's (see there).
 
         ``value_model`` is the separate critic's causal LM (a name, path or loaded model; default a copy of the
         policy LM) and ``value_init`` the value head's starting ``(weight, bias)``;
-        :func:`agents.reward_model.critic_start` turns a reward model into both.
+        :func:`agents.reward_model.critic_start` turns a reward model into both. An LM loaded here is float32,
+        except the frozen base of a LoRA policy, which gets the precision's dtype.
         """
         if value_head not in ("shared", "separate"):
             raise ValueError(f"value_head={value_head!r}; expected 'shared' or 'separate'")
-        lm, tokenizer = resolve_model(model, tokenizer, device, None)
+        precision = resolve_precision(precision, device)
+        lm, tokenizer = resolve_model(model, tokenizer, device, precision.dtype if lora else None)
         lm = apply_lora(lm, lora) if lora else lm.requires_grad_(True)
         backbone = None
         if value_head == "separate":
             backbone = copy.deepcopy(lm) if value_model is None else resolve_model(value_model, None, device, None)[0]
             backbone.requires_grad_(True)
-        return cls(lm, tokenizer, backbone, value_init, temperature)
+        return cls(lm, tokenizer, backbone, value_init, temperature, precision)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1, actor: bool = True) -> Evaluation:
-        """:meth:`evaluate` (the training forward, which ``DistributedDataParallel`` wraps)."""
-        return self.evaluate(ids, mask, keep, actor)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, columns: torch.Tensor,
+                valid: torch.Tensor, allowed=None, actor: bool = True) -> TokenEvaluation:
+        """The training forward (which ``DistributedDataParallel`` wraps): log π, entropy and V(s) of given
+        tokens, one forward of each backbone, the output head over the valid tokens only, in chunks.
+
+        :param ids: (B, W) left-padded sequences; ``mask`` their attention mask.
+        :param tokens: (B, T) the tokens to score.
+        :param columns: (B, T) where the state before each token lies among the last T + 1 positions of ``ids``.
+        :param valid: (B, T) bool, the tokens to score (log-prob and entropy are 0 elsewhere).
+        :param allowed: the (V,) allowed-token mask the tokens were sampled under, or None.
+        :param actor: False: the policy LM runs without gradients (only the critic can learn).
+        """
+        keep = tokens.shape[1] + 1
+        with self.precision.autocast(ids.device):
+            with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
+                hidden = last_hidden_states(self.lm, ids, mask, keep)
+            critic = hidden if self.value_backbone is None else last_hidden_states(self.value_backbone, ids, mask, keep)
+            at = lambda states: states.gather(1, columns[..., None].expand(-1, -1, states.shape[-1]))  # noqa: E731
+            scored = token_logprobs(self.lm, at(hidden)[valid], tokens[valid], temperature=self.temperature,
+                                    allowed=allowed, entropy=True, chunk=self.chunk)
+        logprobs = torch.zeros(tokens.shape, device=ids.device).masked_scatter(valid, scored.logprobs)
+        entropy = torch.zeros(tokens.shape, device=ids.device).masked_scatter(valid, scored.entropy)
+        return TokenEvaluation(logprobs, entropy, self.values_of(at(critic)))
 
     def act(self, ids: torch.Tensor, mask: torch.Tensor, cache: RolloutCache, values: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,11 +135,12 @@ class TransformerActorCritic(nn.Module):
         if torch.is_grad_enabled():
             logits, value, _ = self.evaluate(ids, mask)
             return logits[:, -1], value[:, -1]
-        logits, hidden = cache.latest(self.lm, self.tokenizer.pad_token_id, ids, mask)
-        if self.value_backbone is not None:
-            if not values:
-                return logits / self.temperature, None
-            hidden = cache.latest(self.value_backbone, self.tokenizer.pad_token_id, ids, mask)[1]
+        with self.precision.autocast(ids.device):
+            logits, hidden = cache.latest(self.lm, self.tokenizer.pad_token_id, ids, mask)
+            if self.value_backbone is not None:
+                if not values:
+                    return logits / self.temperature, None
+                hidden = cache.latest(self.value_backbone, self.tokenizer.pad_token_id, ids, mask)[1]
         return logits / self.temperature, self.values_of(hidden)
 
     def evaluate(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1, actor: bool = True,
@@ -108,17 +152,19 @@ class TransformerActorCritic(nn.Module):
         ``logits=False`` only the critic's backbone runs (logits None).
         """
         action_logits = None
-        if logits or self.value_backbone is None:
-            with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
-                action_logits, hidden = full_forward(self.lm, ids, mask, keep)
-            action_logits = action_logits / self.temperature if logits else None
-        if self.value_backbone is not None:
-            hidden = full_forward(self.value_backbone, ids, mask, keep)[1]
-        return Evaluation(action_logits, self.values_of(hidden), hidden)
+        with self.precision.autocast(ids.device):
+            if logits or self.value_backbone is None:
+                with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
+                    hidden = last_hidden_states(self.lm, ids, mask, keep)
+                    action_logits = output_logits(self.lm, hidden) / self.temperature if logits else None
+            if self.value_backbone is not None:
+                hidden = last_hidden_states(self.value_backbone, ids, mask, keep)
+        return Evaluation(action_logits, self.values_of(hidden), hidden.float())
 
     def values_of(self, hidden: torch.Tensor) -> torch.Tensor:
-        """V(s) (...) from the critic's hidden states (..., H)."""
-        return self.value_net_head(hidden)[..., 0]
+        """V(s) (...) from the critic's hidden states (..., H), computed in float32 in every precision."""
+        with autocast_off(hidden.device):
+            return self.value_net_head(hidden.float())[..., 0]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The trainable parameters by part: LM ``body``, LM ``head`` (output embedding) and ``value``."""
@@ -148,14 +194,16 @@ def token_batch(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.
     return ids.reshape(-1, ids.shape[-1]).long(), mask.reshape(-1, mask.shape[-1]).long()
 
 
-def full_forward(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, keep, V), last hidden states (B, keep, H)), float32, at the last ``keep`` positions of
-    left-padded sequences: one forward (with gradients when enabled)."""
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False, logits_to_keep=keep,
-        output_hidden_states=True,
-    )
-    return out.logits.float(), out.hidden_states[-1][:, -keep:].float()
+def require_float32_training(model, name: str) -> None:
+    """Raise when ``model`` has trainable weights that are not float32 (the master weights must be)."""
+    if model is None:
+        return
+    reduced = {str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32}
+    if reduced:
+        raise ValueError(
+            f"{name} has trainable weights in {sorted(reduced)}: training keeps float32 master weights (bf16 runs "
+            "under autocast); load it in float32, or train LoRA adapters on a frozen bf16 base"
+        )
 
 
 def apply_lora(model, lora):

@@ -58,31 +58,32 @@ class TransformerPolicyMixin:
     :param learning_rates: ``{"body", "head", "value"}`` initial learning rates; missing parts use SB3's
         ``learning_rate``. The schedule scales all of them alike.
     :param device: device of the LM; default CUDA when available.
+    :param precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (see :mod:`lm_gym.precision`): the LM's forwards
+        run under bf16 autocast on float32 master weights, or in float32; default ``$LM_GYM_PRECISION``,
+        else ``"auto"``.
     """
 
     def __init__(
         self, observation_space, action_space, lr_schedule, *, model="default", tokenizer=None,
         value_head: str = "shared", value_model=None, lora=None, temperature: float = 1.0,
-        learning_rates: dict | None = None, device=None, **kwargs,
+        learning_rates: dict | None = None, device=None, precision=None, **kwargs,
     ):
-        self._setup_transformer(model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device)
+        self._setup_transformer(dict(
+            model=model, tokenizer=tokenizer, value_head=value_head, value_model=value_model, lora=lora,
+            temperature=temperature, learning_rates=learning_rates, device=device, precision=precision,
+        ))
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # then SB3 calls _build
 
-    def _setup_transformer(self, model, tokenizer, value_head, value_model, lora, temperature, learning_rates, device):
-        unknown = set(learning_rates or {}) - set(PARTS)
+    def _setup_transformer(self, transformer_kwargs: dict) -> None:
+        unknown = set(transformer_kwargs["learning_rates"] or {}) - set(PARTS)
         if unknown:
             raise ValueError(f"learning_rates has unknown parts {sorted(unknown)}; expected among {PARTS}")
-        self.transformer_kwargs = dict(
-            model=model, tokenizer=tokenizer, value_head=value_head, value_model=value_model, lora=lora,
-            temperature=temperature, learning_rates=learning_rates, device=device,
-        )
+        self.transformer_kwargs = transformer_kwargs
+        settings = {k: v for k, v in transformer_kwargs.items() if k != "learning_rates"}
         # nn.Module forbids assigning submodules before its __init__; _build (called by SB3's __init__) does it.
-        value_model, value_init = critic_start(value_model, device)
-        self._networks = {"actor_critic": TransformerActorCritic.from_pretrained(
-            model, tokenizer, value_head=value_head, value_model=value_model, value_init=value_init, lora=lora,
-            temperature=temperature, device=device,
-        )}
+        settings["value_model"], settings["value_init"] = critic_start(settings["value_model"], settings["device"])
+        self._networks = {"actor_critic": TransformerActorCritic.from_pretrained(**settings)}
 
     def _build(self, lr_schedule) -> None:
         """Take the networks, and build the optimizer over LM body, LM head and value head with their own rates."""

@@ -37,8 +37,9 @@ from agents.rollout_cache import RolloutCache
 from agents.segments import Rollout, SegmentBatch, SegmentCollector
 from lm_gym.episode_rules import TURN_ENDED_KEY
 from lm_gym.padding import pad_left, trim_left
+from lm_gym.precision import autocast_off
 from lm_gym.rewards.combine import RunningMeanStd
-from lm_gym.sampling import mask_logits, sample_tokens
+from lm_gym.sampling import sample_tokens
 from lm_gym.reference import ReferenceModel
 
 
@@ -64,6 +65,10 @@ class LMPPO(PPO):
     :param ptx_batch_size: blocks per update.
     :param watchdog_kl: warn (a sign of collapse) when the mean KL per segment exceeds this many nats, or
         when the mean response length leaves [0.5x, 2x] of the first rollout's.
+    :param precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` for the policy (its ``policy_kwargs["precision"]``,
+        see :mod:`lm_gym.precision`): rollouts and updates run under bf16 autocast on float32 master weights
+        and optimizer states; log-probs, KL, advantages, value targets and losses are float32 in every
+        precision. Default: the policy's (``$LM_GYM_PRECISION``, else ``"auto"``).
     """
 
     def __init__(
@@ -73,7 +78,7 @@ class LMPPO(PPO):
         max_grad_norm: float = 1.0, kl_coef: float = 0.05, kl_target: float | None = None,
         kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0, critic_warmup: int = 0,
         ptx_coef: float = 0.0, ptx_texts=None, ptx_batch_size: int = 4, ptx_block_tokens: int = 256,
-        watchdog_kl: float = 10.0, **kwargs,
+        watchdog_kl: float = 10.0, precision=None, **kwargs,
     ):
         if ptx_coef and not ptx_texts:
             raise ValueError(f"ptx_coef={ptx_coef} needs ptx_texts (the text of the pretraining loss)")
@@ -84,6 +89,8 @@ class LMPPO(PPO):
         self.critic_warmup, self.trained_rollouts = critic_warmup, 0
         self.ptx_coef, self.ptx_texts = ptx_coef, ptx_texts
         self.ptx_batch_size, self.ptx_block_tokens = ptx_batch_size, ptx_block_tokens
+        if precision is not None:
+            kwargs["policy_kwargs"] = with_precision(kwargs.get("policy_kwargs"), precision)
         with warnings.catch_warnings():  # SB3 checks batch_size against n_steps * n_envs; ours counts tokens
             warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
             super().__init__(
@@ -168,21 +175,23 @@ class LMPPO(PPO):
             collector.begin(row, _context(obs, row))
         started, steps = time.perf_counter(), 0
         callback.on_rollout_start()
-        while steps < n_rollout_steps:
-            with torch.no_grad():
-                ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], self.device)
-                logits, values = self.actor_critic.act(ids, mask, cache, values=not self._deferred_values)
-                values = torch.full((len(logits),), float("nan")) if values is None else values
-                actions, log_probs = sample_tokens(logits, allowed=allowed)
-            actions = actions.cpu().numpy()
-            new_obs, rewards, dones, infos = env.step(actions)
-            cache.reset(np.flatnonzero(dones))  # those rows start new episodes
-            self.num_timesteps += env.num_envs * distributed.world_size()  # env steps of all ranks
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return False
-            self._record(collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos)
-            obs, steps = new_obs, steps + 1
+        with self.actor_critic.precision.autocast(self.device):  # the weights are cast once for the whole rollout
+            while steps < n_rollout_steps:
+                with torch.no_grad():
+                    ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], self.device)
+                    logits, values = self.actor_critic.act(ids, mask, cache, values=not self._deferred_values)
+                    values = torch.full((len(logits),), float("nan")) if values is None else values
+                    actions, log_probs = sample_tokens(logits, allowed=allowed)
+                actions = actions.cpu().numpy()
+                with autocast_off(self.device):  # the env and its reward compute in their own precision
+                    new_obs, rewards, dones, infos = env.step(actions)
+                    cache.reset(np.flatnonzero(dones))  # those rows start new episodes
+                    self.num_timesteps += env.num_envs * distributed.world_size()  # env steps of all ranks
+                    callback.update_locals(locals())
+                    if not callback.on_step():
+                        return False
+                    self._record(collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos)
+                obs, steps = new_obs, steps + 1
         open_rows = collector.open_rows()
         last_values = self._values_of([{key: value[row] for key, value in obs.items()} for row in open_rows])
         for row, value in zip(open_rows, last_values):
@@ -218,7 +227,7 @@ class LMPPO(PPO):
         lm, tokenizer = self.actor_critic.lm, self.actor_critic.tokenizer
         if hasattr(lm, "peft_config"):
             return ReferenceModel(lm, tokenizer)
-        return ReferenceModel.frozen_copy(lm, tokenizer)
+        return ReferenceModel.frozen_copy(lm, tokenizer, self.actor_critic.precision.dtype)
 
     def _fill_reference_logprobs(self, segments: list) -> None:
         """Where the env gave no ``ref_logprob``, score the segments with the reference: one forward each."""
@@ -368,14 +377,11 @@ class LMPPO(PPO):
         trim = lambda t: t[index][:, :steps]  # noqa: E731
         ids, attention = trim_left(ids, attention)
         actor_critic = self.data_parallel or self.policy.actor_critic  # DDP averages the gradients across ranks
-        logits, values, _ = actor_critic(ids, attention, keep=steps + 1, actor=actor)
         sub = SegmentBatch(ids, attention, trim(data.tokens), mask[:, :steps], trim(data.logprobs), trim(data.values),
                            trim(data.ref_logprobs), trim(data.scores), trim(data.scored), data.next_values[index])
-        columns = sub.positions()
-        logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
-        values = values.gather(1, columns)
-        distribution = torch.distributions.Categorical(logits=mask_logits(logits, self.rollout.allowed))
-        log_prob, entropy, valid = distribution.log_prob(sub.tokens), distribution.entropy(), sub.mask.bool()
+        valid = sub.mask.bool()
+        log_prob, entropy, values = actor_critic(ids, attention, sub.tokens, sub.positions(), valid,
+                                                 self.rollout.allowed, actor)
         advantages = trim(data.advantages)
         if self.normalize_advantage and valid.sum() > 1:
             advantages = masked_whiten(advantages, sub.mask)
@@ -450,6 +456,14 @@ def token_groups(order: list[int], tokens: list[int], budget: float) -> list[lis
             groups.append(group)
             group, count = [], 0
     return groups + [group] if group else groups
+
+
+def with_precision(policy_kwargs: dict | None, precision) -> dict:
+    """``policy_kwargs`` with ``precision`` set; a different precision already there raises."""
+    kwargs = dict(policy_kwargs or {})
+    if kwargs.get("precision", precision) != precision:
+        raise ValueError(f"precision={precision!r} conflicts with policy_kwargs['precision']={kwargs['precision']!r}")
+    return {**kwargs, "precision": precision}
 
 
 def env_reference(env) -> ReferenceModel | None:

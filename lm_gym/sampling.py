@@ -1,7 +1,8 @@
-"""Choosing tokens from logits: one masking rule, one sampler, and batched continuations of contexts.
+"""Choosing tokens from logits: one sampler, and batched continuations of contexts.
 
 Every place that turns logits into tokens uses these: LMPPO's rollouts and evaluation, ``lm-gym generate`` and
-``rollout``, the other party's replies in multi-turn episodes, and the RL library adapters' masks.
+``rollout`` and the other party's replies in multi-turn episodes. Disallowed tokens are masked by the one
+masking rule, :func:`lm_gym.logprobs.mask_logits`.
 """
 
 from __future__ import annotations
@@ -11,18 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from lm_gym.episode_batch import EpisodeBatch
-
-
-def mask_logits(logits: torch.Tensor, allowed) -> torch.Tensor:
-    """``logits`` (..., V) with the disallowed tokens at the dtype's lowest finite value: probability 0 after a
-    softmax, and a finite entropy (``-inf`` would give NaN in p·log p).
-
-    :param allowed: a bool-like (..., V) mask broadcastable to ``logits`` (True: allowed), or ``None`` (all).
-    """
-    if allowed is None:
-        return logits
-    allowed = torch.as_tensor(allowed, device=logits.device).bool()
-    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+from lm_gym.logprobs import mask_logits
 
 
 def sample_tokens(

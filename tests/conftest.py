@@ -1,9 +1,15 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
-import lm_gym
-from lm_gym import LanguageModelEnv
+# The suite's default precision: float32, where the equivalence tests hold to 1e-5. Tests of bf16 and of
+# "auto" ask for them explicitly; LM_GYM_PRECISION=bf16 runs everything else in bf16 too.
+os.environ.setdefault("LM_GYM_PRECISION", "fp32")
+
+import lm_gym  # noqa: E402
+from lm_gym import LanguageModelEnv  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,7 @@ from agents.actor_critic import PARTS, TransformerActorCritic, token_batch
 from agents.reward_model import critic_start
 from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.rllib import ENV_NAME, register_env, split_observation
-from lm_gym.sampling import mask_logits
+from lm_gym.logprobs import mask_logits
 
 # TransformerActorCritic.from_pretrained keywords the module passes on (the documented model_config keys)
 ACTOR_CRITIC_KEYS = ("model", "tokenizer", "value_head", "value_model", "lora", "temperature", "device")

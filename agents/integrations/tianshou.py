@@ -28,7 +28,7 @@ from torch import nn
 from agents.actor_critic import TransformerActorCritic, token_batch
 from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.tianshou import MASK_KEY
-from lm_gym.sampling import mask_logits
+from lm_gym.logprobs import mask_logits
 
 PPO_DEFAULTS = dict(
     gamma=1.0,  # episodic, reward at the end: no discount over the response

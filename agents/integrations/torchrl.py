@@ -20,7 +20,7 @@ from torchrl.objectives.value import GAE
 from agents.actor_critic import TransformerActorCritic, token_batch
 from agents.rollout_cache import RolloutCache
 from lm_gym.integrations.torchrl import ACTION_MASK_KEY, OBSERVATION_KEYS
-from lm_gym.sampling import mask_logits
+from lm_gym.logprobs import mask_logits
 
 LOG_PROB_KEY = "action_log_prob"
 

@@ -18,6 +18,7 @@ from typing import Any
 import gymnasium as gym
 from tianshou.env import BaseVectorEnv, DummyVectorEnv, SubprocVectorEnv
 
+from lm_gym.config import EnvConfig
 from lm_gym.env import LanguageModelEnv
 from lm_gym.integrations._common import NumericInfos, TokenMaskObservation
 from lm_gym.models import resolve_model
@@ -71,9 +72,6 @@ def make_tianshou_envs(num_envs: int, kind: str = "dummy", seed: int | None = No
 
 def shared_model(env_kwargs: dict) -> dict:
     """``env_kwargs`` with the model loaded (once) in place of its name, so that envs can share it."""
-    settings = dict(env_kwargs)
-    model, tokenizer = resolve_model(
-        settings.pop("model", "default"), settings.pop("tokenizer", None), settings.pop("device", None),
-        settings.pop("dtype", None),
-    )
-    return {**settings, "model": model, "tokenizer": tokenizer}
+    config = EnvConfig.of(**env_kwargs)
+    model, tokenizer = resolve_model(config.model, config.tokenizer, config.device, config.lm_dtype())
+    return {**env_kwargs, "model": model, "tokenizer": tokenizer}

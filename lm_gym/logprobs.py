@@ -1,0 +1,116 @@
+"""Log-probabilities of tokens: the one rule for masking disallowed tokens, and the log-probs of chosen
+tokens without a (B, T, V) float32 tensor.
+
+The logits over the whole vocabulary at every position of a batch are the largest tensors of LM training:
+16 sequences x 128 positions x 49,152 tokens x 4 bytes is 400 MB, and log-softmax, softmax and their
+gradients take as much again each. Here an LM runs to its last hidden states (B, T, H) only
+(:func:`last_hidden_states`); the output head, a float32 log-softmax and the entropy then run over at most
+``chunk`` positions at a time (:func:`token_logprobs`). With gradients each chunk is checkpointed: backward
+recomputes its logits instead of keeping them, so peak memory is about ``chunk x V`` floats whatever the
+batch size, for one extra pass of the output head.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lm_gym.padding import mask_positions
+
+CHUNK_POSITIONS = 256  # positions per output-head chunk: 256 x 49,152 float32 logits are 50 MB
+
+
+class TokenLogprobs(NamedTuple):
+    """log π(token) and the entropy of π at each scored position, float32."""
+
+    logprobs: torch.Tensor  # (N,)
+    entropy: torch.Tensor | None  # (N,), or None when not asked for
+
+
+def mask_logits(logits: torch.Tensor, allowed) -> torch.Tensor:
+    """``logits`` (..., V) with the disallowed tokens at the dtype's lowest finite value: probability 0 after a
+    softmax, and a finite entropy (``-inf`` would give NaN in p·log p).
+
+    :param allowed: a bool-like (..., V) mask broadcastable to ``logits`` (True: allowed), or ``None`` (all).
+    """
+    if allowed is None:
+        return logits
+    allowed = torch.as_tensor(allowed, device=logits.device).bool()
+    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+
+
+def last_hidden_states(model, ids: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """The causal LM's last hidden states (B, keep, H) at the last ``keep`` positions (all when None) of
+    left-padded ``ids`` (B, W): the decoder alone, no logits. Gradients flow when enabled."""
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False)
+    hidden = out.last_hidden_state
+    return hidden if keep is None else hidden[:, -keep:]
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits (..., V), float32, from its last hidden states (..., H): the output head plus
+    the final scaling or soft-capping some architectures apply (Gemma's, Cohere's, Granite's)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    config = model.config.get_text_config()
+    if getattr(config, "logit_scale", None):  # Cohere
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2 and 3
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_output_logits(model) -> None:
+    """Raise if :func:`output_logits` of :func:`last_hidden_states` is not the model's own forward's logits
+    (an architecture that transforms its logits in a way lm-gym does not know)."""
+    ids = torch.arange(1, 5, device=model.device)[None] % model.get_output_embeddings().weight.shape[0]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = output_logits(model, last_hidden_states(model, ids, mask))
+        theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max()) + 1e-5):
+        raise NotImplementedError(
+            f"{type(model).__name__}'s forward changes its logits after the output head in a way lm-gym does not "
+            f"know (max difference {float((ours - theirs).abs().max()):.3g}); please report the architecture"
+        )
+
+
+def token_logprobs(
+    model, hidden: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0, allowed=None,
+    entropy: bool = False, chunk: int = CHUNK_POSITIONS,
+) -> TokenLogprobs:
+    """log π(tokens | hidden) for π = softmax(logits / temperature) over the allowed tokens, ``chunk``
+    positions at a time, float32.
+
+    :param model: the causal LM whose output head reads ``hidden``.
+    :param hidden: (N, H) last hidden states, one row per scored position.
+    :param tokens: (N,) the token chosen at each position.
+    :param allowed: the allowed-token mask (see :func:`lm_gym.sampling.mask_logits`), or None.
+    :param entropy: also compute the entropy of π at each position.
+    """
+    if hidden.shape[:-1] != tokens.shape or tokens.ndim != 1:
+        raise ValueError(f"hidden (N, H) and tokens (N,) must agree; got {tuple(hidden.shape)} and {tuple(tokens.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
+
+    def score(states: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs = torch.log_softmax(mask_logits(output_logits(model, states) / temperature, allowed), dim=-1)
+        chosen_logprob = logprobs.gather(1, chosen[:, None])[:, 0]
+        if not entropy:
+            return chosen_logprob, chosen_logprob.new_zeros(())
+        return chosen_logprob, -(logprobs.exp() * logprobs).sum(dim=-1)
+
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for start in range(0, len(tokens), chunk):
+        args = (hidden[start : start + chunk], tokens[start : start + chunk])
+        parts.append(checkpoint(score, *args, use_reentrant=False) if recompute else score(*args))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return TokenLogprobs(empty, empty if entropy else None)
+    logprobs = torch.cat([p[0] for p in parts])
+    return TokenLogprobs(logprobs, torch.cat([p[1] for p in parts]) if entropy else None)
