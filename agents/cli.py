@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --policy reference")
     rollout.add_argument("--seed", type=int, default=0)
     rollout.add_argument("--device", default=None, help="e.g. 'cpu' or 'cuda'; default CUDA when available")
+    _add_precision(rollout)
     rollout.set_defaults(handler=run_rollout)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -72,6 +73,12 @@ def _add_config_flags(parser, config_class, skip=()) -> None:
             parser.add_argument(flag, action="store_true", default=None, help=meaning)
         else:
             parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=meaning)
+
+
+def _add_precision(parser) -> None:
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                        help="'auto' (bf16 where the hardware runs it fast), 'bf16' or 'fp32' "
+                             "(default: $LM_GYM_PRECISION, else 'auto')")
 
 
 def _add_rlhf(commands) -> None:
@@ -138,6 +145,7 @@ def _add_generate(commands) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.7)
     generate.add_argument("--seed", type=int, default=0)
+    _add_precision(generate)
     generate.set_defaults(handler=run_generate)
 
 
@@ -146,7 +154,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.temperature <= 0:
         raise ValueError("--temperature must be > 0")
     env = lm_gym.LanguageModelEnv(model=args.model, max_new_tokens=args.max_new_tokens, reward=_no_reward,
-                                  truncate_prompt="left")
+                                  truncate_prompt="left", precision=args.precision)
     generator = torch.Generator(device=env.episodes.device).manual_seed(args.seed)
     env.reset(seed=args.seed, options={"prompt": args.prompt})
     done = False
@@ -169,6 +177,7 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--eval-prompts", type=int, default=16)
     evaluate.add_argument("--alpha", type=float, default=0.5)
     evaluate.add_argument("--seed", type=int, default=0)
+    _add_precision(evaluate)
     evaluate.set_defaults(handler=run_eval)
 
 
@@ -178,10 +187,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from agents.evaluation import evaluate
     from agents.train import TrainConfig, make_env, split_prompts
 
-    config = TrainConfig(model=args.reference, alpha=args.alpha, eval_prompts=args.eval_prompts, seed=args.seed)
+    config, _ = TrainConfig(model=args.reference, alpha=args.alpha, eval_prompts=args.eval_prompts, seed=args.seed,
+                            precision=args.precision).resolved()
     _, prompts = split_prompts(config)
     env = make_env(config, prompts, len(prompts), args.reference, None, training=False)
-    agent = LMPPO(env=env, n_steps=config.max_new_tokens, policy_kwargs={"model": args.model}, seed=args.seed)
+    agent = LMPPO(env=env, n_steps=config.max_new_tokens, policy_kwargs={"model": args.model}, seed=args.seed,
+                  precision=config.precision)
     record = evaluate(agent, env, prompts, args.seed)
     parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())
     print(f"reward {record['reward']:.3f} ({parts}); KL {record['kl']:.3f}; length {record['length']:.0f} chars")
@@ -192,7 +203,8 @@ def run_rollout(args: argparse.Namespace) -> int:
     """Play ``args.episodes`` episodes and print prompt, response, reward and speed for each."""
     if args.episodes < 1 or args.temperature <= 0:
         raise ValueError("--episodes must be >= 1 and --temperature > 0")
-    env = gym.make(lm_gym.ENV_ID, model=args.model, max_new_tokens=args.max_new_tokens, device=args.device)
+    env = gym.make(lm_gym.ENV_ID, model=args.model, max_new_tokens=args.max_new_tokens, device=args.device,
+                   precision=args.precision)
     base = env.unwrapped
     generator = torch.Generator(device=base.episodes.device).manual_seed(args.seed)
     env.action_space.seed(args.seed)

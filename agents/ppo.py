@@ -356,7 +356,7 @@ class LMPPO(PPO):
     def _update(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf, actor: bool):
         loss, stats = self.segment_loss(data, rows, clip_range, clip_range_vf, actor)
         if self.ptx is not None and actor:
-            ptx_loss = self.ptx.loss(self.actor_critic.lm)
+            ptx_loss = self.ptx.loss(self.actor_critic.lm, self.actor_critic.precision)
             loss = loss + self.ptx_coef * ptx_loss
             stats["ptx_loss"] = ptx_loss.item()
         self.policy.optimizer.zero_grad()

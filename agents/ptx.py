@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from lm_gym.logprobs import next_token_nll
 from lm_gym.padding import pad_right
+from lm_gym.precision import Precision
 
 
 class PretrainingBatches:
@@ -39,14 +41,14 @@ class PretrainingBatches:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.batch_size, self.position = batch_size, 0
 
-    def next_batch(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, labels) of the next ``batch_size`` blocks; padding is labelled -100."""
+    def next_batch(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of the next ``batch_size`` blocks, right-padded."""
         blocks = [self.blocks[(self.position + i) % len(self.blocks)] for i in range(self.batch_size)]
         self.position = (self.position + self.batch_size) % len(self.blocks)
-        ids, mask = pad_right(blocks, self.pad_token_id, device)
-        return ids, mask, ids.masked_fill(mask == 0, -100)
+        return pad_right(blocks, self.pad_token_id, device)
 
-    def loss(self, lm) -> torch.Tensor:
-        """Mean next-token cross-entropy of ``lm`` on the next batch."""
-        ids, mask, labels = self.next_batch(lm.device)
-        return lm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    def loss(self, lm, precision: Precision) -> torch.Tensor:
+        """Mean next-token cross-entropy (float32) of ``lm`` on the next batch, its forward in ``precision``."""
+        ids, mask = self.next_batch(lm.device)
+        with precision.autocast(lm.device):
+            return next_token_nll(lm, ids, mask, mask)

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lm_gym.data import PreferencePair, chat_prompt
 from lm_gym.models import resolve_model
+from lm_gym.precision import Precision, resolve_precision
 from lm_gym.rewards import RewardModelReward
 from lm_gym.rewards.model_rewards import (
     REWARD_STATS_FILE, exchange_ids, load_reward_model_dir, score_exchanges, sequence_scores,
@@ -43,13 +44,15 @@ class RewardModel:
     max_length: int = 512
     history: list[dict] = field(default_factory=list)  # one record per optimizer step
     evaluation: dict | None = None  # evaluate_reward_model on the held-out pairs, when given
+    precision: Precision | str | None = None  # the forwards' (see lm_gym.precision); rewards are float32
 
     @torch.no_grad()
     def score(self, prompts, responses, batch_size: int = 16) -> torch.Tensor:
-        """Raw rewards (B,) of chat-formatted (prompt, response) pairs."""
+        """Raw rewards (B,) float32 of chat-formatted (prompt, response) pairs, the forwards in :attr:`precision`."""
         self.model.eval()
         prompts = [chat_prompt(p) for p in prompts]
-        return score_exchanges(self.model, self.tokenizer, prompts, responses, self.max_length, batch_size).cpu()
+        with resolve_precision(self.precision, self.model.device).autocast(self.model.device):
+            return score_exchanges(self.model, self.tokenizer, prompts, responses, self.max_length, batch_size).cpu()
 
     def save(self, directory: str | Path) -> Path:
         """Write a standard ``AutoModelForSequenceClassification`` directory plus ``reward_stats.json``."""
@@ -62,14 +65,14 @@ class RewardModel:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device=None) -> "RewardModel":
-        """Read a directory written by :meth:`save`."""
+    def load(cls, directory: str | Path, device=None, precision=None) -> "RewardModel":
+        """Read a directory written by :meth:`save` (float32 weights; ``precision`` for its forwards)."""
         model, tokenizer, stats = load_reward_model_dir(directory)
         if stats is None:
             raise FileNotFoundError(f"{directory} has no {REWARD_STATS_FILE} (the reward mean and std); "
                                     "is it a directory written by RewardModel.save?")
         model = model.to(device or "cpu").eval()
-        return cls(model, tokenizer, stats["mean"], stats["std"], stats.get("max_length", 512))
+        return cls(model, tokenizer, stats["mean"], stats["std"], stats.get("max_length", 512), precision=precision)
 
     def as_reward(self, normalize: bool = True) -> RewardModelReward:
         """This model as an env reward (standardised with its stored statistics by default)."""
@@ -140,7 +143,7 @@ def train_reward_model(
     pairs: Sequence[PreferencePair], base="default", *, tokenizer=None, lora=None, max_length: int = 512,
     epochs: int = 1, lr: float = 1e-5, batch_size: int = 8, margin=None, center_coef: float = 0.0,
     train_layers: int | None = None, eval_pairs: Sequence[PreferencePair] | None = None, seed: int = 0,
-    device=None, progress: bool = True,
+    device=None, precision=None, progress: bool = True,
 ) -> RewardModel:
     """Train a reward model on preference pairs with the Bradley-Terry loss.
 
@@ -154,6 +157,9 @@ def train_reward_model(
     :param train_layers: train only the top N transformer blocks (plus final norm and head); None: all.
     :param eval_pairs: held-out pairs; the result's ``evaluation`` holds :func:`evaluate_reward_model`'s.
     :param device: where to train; default CUDA when available. ``progress``: show a progress bar.
+    :param precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (see :mod:`lm_gym.precision`): bf16 runs the forwards
+        under autocast on float32 weights and optimizer states; scores and the loss are float32. Default
+        ``$LM_GYM_PRECISION``, else ``"auto"``.
     :return: the :class:`RewardModel`, with the mean and std of its rewards on the last epoch's responses.
     """
     pairs = list(pairs)
@@ -161,6 +167,7 @@ def train_reward_model(
         raise ValueError("no preference pairs to train on")
     margins = _margins(margin, len(pairs))
     model, tokenizer = reward_model_from_lm(base, tokenizer, device, seed)
+    precision = resolve_precision(precision, model.device)
     model = _trainable(model, lora, train_layers).eval()  # eval(): dropout off; gradients still flow
     chosen, rejected = _encode(tokenizer, pairs, max_length)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -171,7 +178,7 @@ def train_reward_model(
     lengths = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
     for epoch in range(epochs):
         for rows in length_grouped_batches(lengths, batch_size, generator):
-            record, scores = _step(model, optimizer, tokenizer, chosen, rejected, rows, margins, center_coef)
+            record, scores = _step(model, optimizer, tokenizer, chosen, rejected, rows, margins, center_coef, precision)
             history.append({"epoch": epoch, **record})
             if epoch == epochs - 1:
                 last_scores.append(scores)
@@ -179,7 +186,8 @@ def train_reward_model(
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
     bar.close()
     scores = torch.cat(last_scores)
-    result = RewardModel(model, tokenizer, float(scores.mean()), float(scores.std()), max_length, history)
+    result = RewardModel(model, tokenizer, float(scores.mean()), float(scores.std()), max_length, history,
+                         precision=precision)
     if eval_pairs is not None:
         result.evaluation = evaluate_reward_model(result, eval_pairs)
     return result
@@ -238,10 +246,12 @@ def _encode(tokenizer, pairs: list[PreferencePair], max_length: int) -> tuple[li
     return full[: len(pairs)], full[len(pairs) :]
 
 
-def _step(model, optimizer, tokenizer, chosen, rejected, rows, margins, center_coef) -> tuple[dict, torch.Tensor]:
-    """One optimizer step on the pairs ``rows``: chosen and rejected responses in one forward."""
-    scores = sequence_scores(model, [chosen[r] for r in rows] + [rejected[r] for r in rows],
-                             tokenizer.pad_token_id).float()
+def _step(model, optimizer, tokenizer, chosen, rejected, rows, margins, center_coef, precision: Precision
+          ) -> tuple[dict, torch.Tensor]:
+    """One optimizer step on the pairs ``rows``: chosen and rejected responses in one forward (in ``precision``)."""
+    with precision.autocast(model.device):
+        scores = sequence_scores(model, [chosen[r] for r in rows] + [rejected[r] for r in rows],
+                                 tokenizer.pad_token_id).float()
     r_chosen, r_rejected = scores[: len(rows)], scores[len(rows) :]
     difference = r_chosen - r_rejected
     loss = -torch.nn.functional.logsigmoid(difference - margins[rows].to(difference.device)).mean()

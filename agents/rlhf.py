@@ -82,12 +82,14 @@ def run_rlhf(config: RLHFConfig, run_dir: Path) -> dict:
     if not config.preferences:
         raise ValueError("lm-gym rlhf needs --preferences FILE (JSONL/CSV of prompt/chosen/rejected or HH transcripts)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, precision=config.resolved()[1].name)  # one precision for every stage
     train_pairs, held_out = split_pairs(config)
     summary: dict = {"pairs": len(train_pairs), "held_out_pairs": len(held_out)}
     policy = config.policy or config.model
     if config.sft and not config.policy:
         model, tokenizer, summary["sft_history"] = sft(config.model, train_pairs, epochs=config.sft_epochs,
-                                                       lr=config.sft_lr, seed=config.seed, device=config.device)
+                                                       lr=config.sft_lr, seed=config.seed, device=config.device,
+                                                       precision=config.precision)
         policy = str(export_pretrained(model, run_dir / "sft", tokenizer))
     rm = _reward_model(config, train_pairs, held_out, run_dir)
     summary["reward_model"] = {k: v for k, v in rm.evaluation.items() if k != "margins"}
@@ -110,13 +112,13 @@ def split_pairs(config: RLHFConfig) -> tuple[list, list]:
 
 def _reward_model(config: RLHFConfig, train_pairs, held_out, run_dir: Path) -> RewardModel:
     if config.reward_model:
-        rm = RewardModel.load(config.reward_model)
+        rm = RewardModel.load(config.reward_model, precision=config.precision)
         rm.evaluation = evaluate_reward_model(rm, held_out)
         return rm
     rm = train_reward_model(
         train_pairs, config.model, max_length=config.rm_max_length, epochs=config.rm_epochs, lr=config.rm_lr,
         batch_size=config.rm_batch_size, train_layers=config.rm_train_layers, eval_pairs=held_out,
-        seed=config.seed, device=config.device,
+        seed=config.seed, device=config.device, precision=config.precision,
     )
     rm.save(run_dir / "reward_model")
     return rm

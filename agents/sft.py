@@ -15,16 +15,18 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from agents.actor_critic import apply_lora
+from agents.actor_critic import apply_lora, require_float32_training
 from lm_gym.chat import encode_prompt, has_chat_template
 from lm_gym.data import chat_prompt
+from lm_gym.logprobs import next_token_nll
 from lm_gym.models import resolve_model
 from lm_gym.padding import pad_right
+from lm_gym.precision import Precision, resolve_precision
 
 
 def sft(
     model, examples: Sequence, *, tokenizer=None, lora=None, epochs: int = 1, lr: float = 1e-5,
-    batch_size: int = 8, max_length: int = 512, seed: int = 0, device=None, progress: bool = True,
+    batch_size: int = 8, max_length: int = 512, seed: int = 0, device=None, precision=None, progress: bool = True,
 ):
     """Fine-tune ``model`` on ``examples``; return ``(model, tokenizer, history)``.
 
@@ -34,13 +36,18 @@ def sft(
     :param tokenizer: with a loaded model whose tokenizer cannot be loaded from its ``name_or_path``.
     :param lora: None (train the weights) or LoRA settings; the returned model has the adapters merged.
     :param max_length: tokens per example; longer examples keep their first tokens (counted, warned).
+    :param precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (see :mod:`lm_gym.precision`): bf16 runs the forward
+        under autocast on float32 weights (a LoRA base loaded here is bf16); the loss is float32 and computed
+        a chunk of positions at a time. Default ``$LM_GYM_PRECISION``, else ``"auto"``.
     :return: the tuned model (eval mode), its tokenizer, and one ``{"epoch", "loss"}`` record per step.
     """
     pairs = [_prompt_and_response(example) for example in examples]
     if not pairs:
         raise ValueError("no examples to fine-tune on")
-    model, tokenizer = resolve_model(model, tokenizer, device, None)
+    precision = resolve_precision(precision, device)
+    model, tokenizer = resolve_model(model, tokenizer, device, precision.dtype if lora else None)
     model = apply_lora(model, lora) if lora else model.requires_grad_(True)
+    require_float32_training(model, "model")
     sequences = _encode(tokenizer, pairs, max_length)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -51,7 +58,7 @@ def sft(
         order = torch.randperm(len(pairs), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
             loss = _step(model, optimizer, [sequences[i] for i in order[start : start + batch_size]],
-                         tokenizer.pad_token_id)
+                         tokenizer.pad_token_id, precision)
             history.append({"epoch": epoch, "loss": loss})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -89,13 +96,14 @@ def _encode(tokenizer, pairs, max_length: int) -> list[tuple[list[int], int]]:
     return sequences
 
 
-def _step(model, optimizer, batch: list[tuple[list[int], int]], pad_token_id: int) -> float:
+def _step(model, optimizer, batch: list[tuple[list[int], int]], pad_token_id: int, precision: Precision) -> float:
     """One optimizer step of response-only next-token loss on right-padded sequences."""
     ids, mask = pad_right([sequence for sequence, _ in batch], pad_token_id, model.device)
-    labels = ids.masked_fill(mask == 0, -100)
+    response = mask.bool().clone()
     for row, (_, prompt_length) in enumerate(batch):
-        labels[row, :prompt_length] = -100
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        response[row, :prompt_length] = False
+    with precision.autocast(model.device):
+        loss = next_token_nll(model, ids, mask, response)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

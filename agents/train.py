@@ -36,6 +36,7 @@ from agents.evaluation import evaluate
 from agents.export import export_pretrained
 from agents.ppo import LMPPO
 from lm_gym.data import default_prompts, load_prompts
+from lm_gym.precision import Precision, resolve_precision
 from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward
 from lm_gym.sb3 import SB3VecEnv
 
@@ -64,6 +65,7 @@ class TrainConfig:
     eval_samples: int = 4
     seed: int = 0
     device: str | None = None
+    precision: str | None = None
 
     HELP: ClassVar[dict[str, str]] = {  # one line of meaning per field: the flags' --help
         "model": "the policy and reference LM: 'default' (SmolLM2-135M-Instruct), 'tiny', a directory or a hub id",
@@ -87,6 +89,8 @@ class TrainConfig:
         "eval_samples": "responses sampled per held-out prompt",
         "seed": "seed of prompts, sampling and updates (the run is deterministic on one machine)",
         "device": "where the LMs run, e.g. 'cpu' or 'cuda' (default: CUDA when available)",
+        "precision": "'auto' (bf16 where the hardware runs it fast), 'bf16' or 'fp32'; config.toml records the "
+                     "choice and why (default: $LM_GYM_PRECISION, else 'auto')",
     }
 
     @classmethod
@@ -99,13 +103,20 @@ class TrainConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
-    def to_toml(self) -> str:
-        """The config as TOML (fields that are None are left out)."""
+    def to_toml(self, comments: dict[str, str] | None = None) -> str:
+        """The config as TOML (fields that are None are left out), ``comments`` after their fields' lines."""
         lines = []
         for key, value in dataclasses.asdict(self).items():
             if value is not None:
-                lines.append(f"{key} = {json.dumps(value)}")
+                comment = f"  # {comments[key]}" if comments and key in comments else ""
+                lines.append(f"{key} = {json.dumps(value)}{comment}")
         return "\n".join(lines) + "\n"
+
+    def resolved(self) -> tuple["TrainConfig", Precision]:
+        """This config with ``precision`` resolved (``"auto"`` becomes what it picks here), and the
+        :class:`lm_gym.precision.Precision` with its reason."""
+        precision = resolve_precision(self.precision, self.device)
+        return dataclasses.replace(self, precision=precision.name), precision
 
 
 def split_prompts(config: TrainConfig) -> tuple[list, list]:
@@ -147,7 +158,7 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
     return SB3VecEnv(
         num_envs, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward,
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
-        truncate_prompt="left", reference_logprobs=not training, device=config.device,
+        truncate_prompt="left", reference_logprobs=not training, device=config.device, precision=config.precision,
     )
 
 
@@ -174,7 +185,7 @@ def policy_kwargs(config: TrainConfig, env: SB3VecEnv) -> dict:
     """The Transformer policy's settings. With LoRA the adapters go into the env's LM itself: one copy of
     the base weights, which the env runs with the adapters off. Full fine-tuning trains a copy."""
     kwargs = {"model": config.model, "temperature": config.temperature, "device": config.device,
-              "learning_rates": {"value": config.value_learning_rate}}
+              "learning_rates": {"value": config.value_learning_rate}, "precision": config.precision}
     if config.lora_rank:
         kwargs.update(model=env.model, tokenizer=env.tokenizer, lora={
             "r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "target_modules": "all-linear"})
@@ -186,9 +197,10 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
     evaluation (on rank 0; other ranks of a data-parallel run return the iteration count only)."""
     distributed.setup()
     main = distributed.is_main()
+    config, precision = config.resolved()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(config.to_toml())
+        (run_dir / "config.toml").write_text(config.to_toml({"precision": precision.reason}))
     task = task or default_task(config)
     eval_prompts = task.eval_prompts * config.eval_samples
     env = make_rank_env(config, task)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium.vector import SyncVectorEnv
 
-from benchmarks.machine import describe_machine
+from benchmarks.machine import describe_machine, matmul_gflops
 from lm_gym import LanguageModelEnv, LanguageModelVectorEnv, load_model
 
 RESPONSE_TOKENS = 64
@@ -75,15 +75,6 @@ def time_env(env, num_envs: int, steps: int, vocab: int, stop_ids) -> tuple[floa
     ended = time.perf_counter()
     tokens = steps * max(num_envs, 1)
     return tokens / (ended - stepping), tokens / (ended - started)
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 @torch.no_grad()

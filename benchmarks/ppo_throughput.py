@@ -15,8 +15,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
 
 from agents import LMPPO, TransformerActorCriticPolicy
-from benchmarks.env_throughput import matmul_gflops
-from benchmarks.machine import describe_machine
+from benchmarks.machine import describe_machine, matmul_gflops
 from lm_gym.sb3 import SB3VecEnv
 
 

@@ -114,3 +114,18 @@ def token_logprobs(
         return TokenLogprobs(empty, empty if entropy else None)
     logprobs = torch.cat([p[0] for p in parts])
     return TokenLogprobs(logprobs, torch.cat([p[1] for p in parts]) if entropy else None)
+
+
+def next_token_nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor,
+                   chunk: int = CHUNK_POSITIONS) -> torch.Tensor:
+    """Mean negative log-likelihood (float32 scalar) of the tokens ``scored`` marks, each given the tokens
+    before it: the language-modelling loss, from :func:`last_hidden_states` and :func:`token_logprobs`.
+
+    :param ids: (B, W) token ids, left- or right-padded; ``mask`` their attention mask.
+    :param scored: (B, W) bool, the tokens whose prediction counts (the first column never does).
+    """
+    hidden = last_hidden_states(model, ids, mask)[:, :-1]  # (B, W - 1, H): the state before each later token
+    targets = scored[:, 1:].bool() & mask[:, 1:].bool()
+    if not targets.any():
+        raise ValueError("no tokens to score: every scored token is padding or the first of its sequence")
+    return -token_logprobs(model, hidden[targets], ids[:, 1:][targets], chunk=chunk).logprobs.mean()

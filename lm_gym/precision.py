@@ -13,7 +13,7 @@ What each precision means, tensor by tensor:
 ``"auto"`` picks bf16 where the hardware runs it fast and float32 elsewhere: on CUDA, bf16 when the device
 supports it; on a CPU, bf16 when the CPU has bf16 instructions (AMX or AVX-512 BF16) and a bf16 matrix
 multiply measured on it beats float32 by :data:`CPU_SPEEDUP_NEEDED` (measured once per CPU and torch
-version, then cached). The choice and its reason are printed once per process.
+version, then cached). Each precision chosen and its reason are printed once per process (on stderr).
 
 ``LM_GYM_PRECISION`` sets the precision of everything not given one explicitly (for example ``fp32`` for
 a whole test run); unset, that is ``"auto"``.
@@ -88,11 +88,9 @@ def resolve_precision(precision: "str | torch.dtype | Precision | None" = None, 
         precision = os.environ.get("LM_GYM_PRECISION", "auto")
     name = precision_name(precision)
     device = torch.device(device) if device is not None else _default_device()
-    if name == "auto":
-        chosen = _auto(device)
-        _announce(chosen)
-        return chosen
-    return Precision(name)
+    chosen = _auto(device) if name == "auto" else Precision(name)
+    _announce(chosen)
+    return chosen
 
 
 def precision_name(precision: "str | torch.dtype") -> str:

@@ -85,8 +85,9 @@ def test_critic_reuses_the_actors_training_forward(env_kwargs, actor_critic, mon
         ids, mask = torch.as_tensor(obs.input_ids), torch.as_tensor(obs.attention_mask)
         expected = actor_critic.evaluate(ids, mask, logits=False).values[:, -1]
     forwards = []
-    forward = actor_critic.lm.forward
-    monkeypatch.setattr(actor_critic.lm, "forward", lambda *a, **k: forwards.append(1) or forward(*a, **k))
+    decoder = actor_critic.lm.get_decoder()  # the training forward runs the decoder, then the output head
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: forwards.append(1) or forward(*a, **k))
     actor(obs)
     values = critic(obs)
     assert len(forwards) == 1 and values.requires_grad
