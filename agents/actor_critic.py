@@ -102,7 +102,7 @@ class TransformerActorCritic(nn.Module):
         return cls(lm, tokenizer, backbone, value_init, temperature, precision)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, columns: torch.Tensor,
-                valid: torch.Tensor, allowed=None, actor: bool = True) -> TokenEvaluation:
+                valid: torch.Tensor, allowed=None, actor: bool = True, entropy_grad: bool = False) -> TokenEvaluation:
         """The training forward (which ``DistributedDataParallel`` wraps): log π, entropy and V(s) of given
         tokens, one forward of each backbone, the output head over the valid tokens only, in chunks.
 
@@ -112,6 +112,7 @@ class TransformerActorCritic(nn.Module):
         :param valid: (B, T) bool, the tokens to score (log-prob and entropy are 0 elsewhere).
         :param allowed: the (V,) allowed-token mask the tokens were sampled under, or None.
         :param actor: False: the policy LM runs without gradients (only the critic can learn).
+        :param entropy_grad: the entropy carries a gradient (for an entropy bonus); else it is a statistic.
         """
         keep = tokens.shape[1] + 1
         with self.precision.autocast(ids.device):
@@ -120,7 +121,7 @@ class TransformerActorCritic(nn.Module):
             critic = hidden if self.value_backbone is None else last_hidden_states(self.value_backbone, ids, mask, keep)
             at = lambda states: states.gather(1, columns[..., None].expand(-1, -1, states.shape[-1]))  # noqa: E731
             scored = token_logprobs(self.lm, at(hidden)[valid], tokens[valid], temperature=self.temperature,
-                                    allowed=allowed, entropy=True, chunk=self.chunk)
+                                    allowed=allowed, entropy=True, entropy_grad=entropy_grad, chunk=self.chunk)
         logprobs = torch.zeros(tokens.shape, device=ids.device).masked_scatter(valid, scored.logprobs)
         entropy = torch.zeros(tokens.shape, device=ids.device).masked_scatter(valid, scored.entropy)
         return TokenEvaluation(logprobs, entropy, self.values_of(at(critic)))

@@ -69,6 +69,12 @@ class LMPPO(PPO):
         see :mod:`lm_gym.precision`): rollouts and updates run under bf16 autocast on float32 master weights
         and optimizer states; log-probs, KL, advantages, value targets and losses are float32 in every
         precision. Default: the policy's (``$LM_GYM_PRECISION``, else ``"auto"``).
+    :param recompute_logprobs: before the first epoch, replace the rollout's log-probs and values with those
+        of the training forward (one forward per segment, no gradients), so that PPO's ratio starts at
+        exactly 1. In bf16 the rollout's incremental decode and the training forward round differently
+        (mean |Δ log p| about 0.03 on the default model, ratios from 0.8 to 1.3 before any update:
+        ``benchmarks/precision_ppo.py``), which would clip and bias the first updates. Default: on in bf16,
+        off in float32 (where the two agree to 1e-5).
     """
 
     def __init__(
@@ -78,7 +84,7 @@ class LMPPO(PPO):
         max_grad_norm: float = 1.0, kl_coef: float = 0.05, kl_target: float | None = None,
         kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0, critic_warmup: int = 0,
         ptx_coef: float = 0.0, ptx_texts=None, ptx_batch_size: int = 4, ptx_block_tokens: int = 256,
-        watchdog_kl: float = 10.0, precision=None, **kwargs,
+        watchdog_kl: float = 10.0, precision=None, recompute_logprobs: bool | None = None, **kwargs,
     ):
         if ptx_coef and not ptx_texts:
             raise ValueError(f"ptx_coef={ptx_coef} needs ptx_texts (the text of the pretraining loss)")
@@ -89,6 +95,7 @@ class LMPPO(PPO):
         self.critic_warmup, self.trained_rollouts = critic_warmup, 0
         self.ptx_coef, self.ptx_texts = ptx_coef, ptx_texts
         self.ptx_batch_size, self.ptx_block_tokens = ptx_batch_size, ptx_block_tokens
+        self.recompute_logprobs = recompute_logprobs
         if precision is not None:
             kwargs["policy_kwargs"] = with_precision(kwargs.get("policy_kwargs"), precision)
         with warnings.catch_warnings():  # SB3 checks batch_size against n_steps * n_envs; ours counts tokens
@@ -329,6 +336,9 @@ class LMPPO(PPO):
     def _prepare_batch(self) -> SegmentBatch:
         """The rollout's segments padded, with advantages from the (normalised) rewards and the KL penalty."""
         data = self.rollout.batch(self.actor_critic.tokenizer.pad_token_id, self.device)
+        recompute = self.recompute_logprobs
+        if recompute or (recompute is None and self.actor_critic.precision.reduced):
+            self._recompute_old(data)
         scores, scored = data.scores, data.scored.bool()
         scored_scores = distributed.gather(scores[scored])  # every rank's, for the same statistics everywhere
         if self.normalize_reward and len(scored_scores):
@@ -337,6 +347,19 @@ class LMPPO(PPO):
             scores = torch.where(scored, normalised, scores)
         data.compute_advantages(scores, self.kl_coef, self.gamma, self.gae_lambda)
         return data
+
+    @torch.no_grad()
+    def _recompute_old(self, data: SegmentBatch) -> None:
+        """The training forward's log-probs and values in place of the rollout's (see ``recompute_logprobs``),
+        about ``batch_size`` tokens per forward."""
+        lengths = data.mask.sum(dim=1).tolist()
+        for rows in token_groups(list(range(len(lengths))), lengths, self.batch_size):
+            sub = data.select(rows)
+            steps = sub.mask.shape[1]
+            evaluation = self.actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), sub.mask.bool(),
+                                           self.rollout.allowed)
+            data.logprobs[rows, :steps] = evaluation.logprobs * sub.mask
+            data.values[rows, :steps] = evaluation.values * sub.mask
 
     def _minibatches(self, mask: torch.Tensor) -> list[list[int]]:
         """Shuffled groups of whole segments holding about ``batch_size`` tokens each (over all ranks).
@@ -371,25 +394,19 @@ class LMPPO(PPO):
 
         With ``actor=False`` (critic warm-up) the loss is the value loss alone and the policy LM gets no gradient.
         """
-        index = torch.as_tensor(rows, device=data.mask.device)
-        ids, attention, mask = data.ids[index], data.attention_mask[index], data.mask[index]
-        steps = int(mask.sum(dim=1).max())
-        trim = lambda t: t[index][:, :steps]  # noqa: E731
-        ids, attention = trim_left(ids, attention)
+        sub = data.select(rows)
         actor_critic = self.data_parallel or self.policy.actor_critic  # DDP averages the gradients across ranks
-        sub = SegmentBatch(ids, attention, trim(data.tokens), mask[:, :steps], trim(data.logprobs), trim(data.values),
-                           trim(data.ref_logprobs), trim(data.scores), trim(data.scored), data.next_values[index])
         valid = sub.mask.bool()
-        log_prob, entropy, values = actor_critic(ids, attention, sub.tokens, sub.positions(), valid,
-                                                 self.rollout.allowed, actor)
-        advantages = trim(data.advantages)
+        log_prob, entropy, values = actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), valid,
+                                                 self.rollout.allowed, actor, entropy_grad=bool(self.ent_coef))
+        advantages = sub.advantages
         if self.normalize_advantage and valid.sum() > 1:
             advantages = masked_whiten(advantages, sub.mask)
         ratio = torch.exp(log_prob - sub.logprobs)
         policy_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_range, 1 + clip_range))[valid].mean()
         if clip_range_vf is not None:
             values = sub.values + (values - sub.values).clamp(-clip_range_vf, clip_range_vf)
-        value_loss = ((trim(data.returns) - values) ** 2)[valid].mean()
+        value_loss = ((sub.returns - values) ** 2)[valid].mean()
         entropy_loss = -entropy[valid].mean()
         loss = self.vf_coef * value_loss
         if actor:

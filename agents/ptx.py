@@ -13,7 +13,7 @@ import torch
 
 from lm_gym.logprobs import next_token_nll
 from lm_gym.padding import pad_right
-from lm_gym.precision import Precision
+from lm_gym.precision import resolve_precision
 
 
 class PretrainingBatches:
@@ -47,8 +47,9 @@ class PretrainingBatches:
         self.position = (self.position + self.batch_size) % len(self.blocks)
         return pad_right(blocks, self.pad_token_id, device)
 
-    def loss(self, lm, precision: Precision) -> torch.Tensor:
-        """Mean next-token cross-entropy (float32) of ``lm`` on the next batch, its forward in ``precision``."""
+    def loss(self, lm, precision=None) -> torch.Tensor:
+        """Mean next-token cross-entropy (float32) of ``lm`` on the next batch, its forward in ``precision``
+        (see :func:`lm_gym.precision.resolve_precision`)."""
         ids, mask = self.next_batch(lm.device)
-        with precision.autocast(lm.device):
+        with resolve_precision(precision, lm.device).autocast(lm.device):
             return next_token_nll(lm, ids, mask, mask)

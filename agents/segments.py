@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agents.advantages import gae, kl_shaped_rewards
-from lm_gym.padding import pad_left, pad_right
+from lm_gym.padding import pad_left, pad_right, trim_left
 
 
 @dataclass
@@ -125,6 +125,16 @@ class SegmentBatch:
         (log π - log π_ref), ``scores`` being the env's rewards (S, T) after any normalisation."""
         rewards = kl_shaped_rewards(scores, self.logprobs, self.ref_logprobs, self.mask, kl_coef)
         self.advantages, self.returns = gae(rewards, self.values, self.mask, self.next_values, gamma, lam)
+
+    def select(self, rows: list[int]) -> "SegmentBatch":
+        """The segments ``rows``, trimmed to the longest of them (sequences and per-token statistics)."""
+        index = torch.as_tensor(rows, device=self.mask.device)
+        steps = int(self.mask[index].sum(dim=1).max())
+        ids, attention = trim_left(self.ids[index], self.attention_mask[index])
+        per_token = [None if t is None else t[index][:, :steps] for t in (
+            self.tokens, self.mask, self.logprobs, self.values, self.ref_logprobs, self.scores, self.scored)]
+        extra = [None if t is None else t[index][:, :steps] for t in (self.advantages, self.returns)]
+        return SegmentBatch(ids, attention, *per_token, self.next_values[index], *extra)
 
     def positions(self) -> torch.Tensor:
         """(S, T) column of the state before each token, among the last T + 1 columns of ``ids``."""

@@ -61,6 +61,16 @@ def mismatch(agent: LMPPO) -> dict[str, float]:
     }
 
 
+def first_minibatch_after_recompute(agent: LMPPO) -> dict[str, float]:
+    """PPO's ratio on the first minibatch as LMPPO sees it by default in bf16 (old log-probs recomputed)."""
+    agent.recompute_logprobs = True
+    data = agent._prepare_batch()
+    agent.recompute_logprobs = None
+    with torch.no_grad():
+        _, stats = agent.segment_loss(data, agent._minibatches(data.mask)[0], 0.2)
+    return stats
+
+
 def timed_train(agent: LMPPO) -> float:
     started = time.perf_counter()
     agent.train()
@@ -82,6 +92,7 @@ def main() -> None:
         collect(agent)
         rollouts[precision] = agent.rollout
         mismatches[precision] = mismatch(agent)
+    recomputed = first_minibatch_after_recompute(agents["bf16"])
     tokens = sum(len(s.tokens) for s in rollouts["bf16"].segments)
     positions = sum(len(s.context) + len(s.tokens) for s in rollouts["bf16"].segments)
     seconds = {}
@@ -104,9 +115,12 @@ def main() -> None:
         print(f"| {precision} | {seconds[precision]:.2f} | {rate:.0f} | {seconds['fp32'] / seconds[precision]:.2f}x | "
               f"{6 * params * rate / (bounds[precision] * 1e9):.0%} |")
     keys = list(mismatches["fp32"])
-    print("\n| precision | " + " | ".join(keys) + " |\n|---" * (len(keys) + 1) + "|")
+    print("\n| precision | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for precision, row in mismatches.items():
         print(f"| {precision} | " + " | ".join(v if isinstance(v, str) else f"{v:.2e}" for v in row.values()) + " |")
+    print(f"\nbf16 with the old log-probs recomputed by the training forward (LMPPO's default in bf16), first "
+          f"minibatch: ratio mean {recomputed['ratio_mean']:.6f}, approx_kl {recomputed['approx_kl']:.2e}, "
+          f"clip fraction {recomputed['clip_fraction']:.2e}")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def check_output_logits(model) -> None:
 
 def token_logprobs(
     model, hidden: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0, allowed=None,
-    entropy: bool = False, chunk: int = CHUNK_POSITIONS,
+    entropy: bool = False, entropy_grad: bool = False, chunk: int = CHUNK_POSITIONS,
 ) -> TokenLogprobs:
     """log π(tokens | hidden) for π = softmax(logits / temperature) over the allowed tokens, ``chunk``
     positions at a time, float32.
@@ -89,8 +89,9 @@ def token_logprobs(
     :param model: the causal LM whose output head reads ``hidden``.
     :param hidden: (N, H) last hidden states, one row per scored position.
     :param tokens: (N,) the token chosen at each position.
-    :param allowed: the allowed-token mask (see :func:`lm_gym.sampling.mask_logits`), or None.
-    :param entropy: also compute the entropy of π at each position.
+    :param allowed: the allowed-token mask (see :func:`mask_logits`), or None.
+    :param entropy: also compute the entropy of π at each position; without ``entropy_grad`` it carries no
+        gradient (a statistic), which spares backward its recomputation.
     """
     if hidden.shape[:-1] != tokens.shape or tokens.ndim != 1:
         raise ValueError(f"hidden (N, H) and tokens (N,) must agree; got {tuple(hidden.shape)} and {tuple(tokens.shape)}")
@@ -98,11 +99,15 @@ def token_logprobs(
         raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
 
     def score(states: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logprobs = torch.log_softmax(mask_logits(output_logits(model, states) / temperature, allowed), dim=-1)
+        logits = output_logits(model, states)
+        logits = logits if temperature == 1.0 else logits / temperature
+        logprobs = torch.log_softmax(mask_logits(logits, allowed), dim=-1)
         chosen_logprob = logprobs.gather(1, chosen[:, None])[:, 0]
         if not entropy:
             return chosen_logprob, chosen_logprob.new_zeros(())
-        return chosen_logprob, -(logprobs.exp() * logprobs).sum(dim=-1)
+        # after the chosen log-prob: a recomputation for backward stops before this when it has no gradient
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            return chosen_logprob, -(logprobs.exp() * logprobs).sum(dim=-1)
 
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     parts = []

@@ -194,8 +194,9 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
     def close_extras(self, **kwargs) -> None:
         """Free the LM and its cache."""
         self.episodes = None
-        if torch.cuda is not None and torch.cuda.is_available():  # None during interpreter shutdown
-            torch.cuda.empty_cache()
+        cuda = getattr(torch, "cuda", None)  # torch's globals are None during interpreter shutdown
+        if cuda is not None and cuda.is_available():
+            cuda.empty_cache()
 
 
 def _autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:

@@ -32,15 +32,16 @@ def success_rate(agent, env, rounds=4):
     return float(np.mean(hits))
 
 
-def test_lmppo_learns_to_start_with_a_word():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lmppo_learns_to_start_with_a_word(precision):
     torch.manual_seed(0)
-    env = SB3VecEnv(8, prompts=PROMPTS, reward=starts_with_word, max_new_tokens=4, device="cpu")
+    env = SB3VecEnv(8, prompts=PROMPTS, reward=starts_with_word, max_new_tokens=4, device="cpu", precision=precision)
     agent = LMPPO(env=env, n_steps=4, batch_size=32, n_epochs=4, learning_rate=3e-5, kl_coef=0.02, seed=0,
-                  device="cpu", policy_kwargs={"model": "default", "device": "cpu"})
+                  device="cpu", precision=precision, policy_kwargs={"model": "default", "device": "cpu"})
     before = success_rate(agent, env)
     for _ in range(6):
         agent.reset_episodes()
         agent.learn(4 * 8, reset_num_timesteps=False)
     after = success_rate(agent, env)
-    print(f"responses starting with {WORD!r}: {before:.0%} before, {after:.0%} after")
+    print(f"{precision}: responses starting with {WORD!r}: {before:.0%} before, {after:.0%} after")
     assert after > before + 0.25, (before, after)

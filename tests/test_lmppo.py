@@ -85,6 +85,25 @@ def test_rollout_log_probs_match_the_one_forward_per_segment_evaluation(env):
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and stats["approx_kl"] < 1e-8
 
 
+def test_bf16_rollout_log_probs_match_the_training_forward_to_bf16_rounding(env):
+    """bf16 rounds activations to 8 significant bits, and the incremental decode and the one forward per
+    segment round differently; on the 2-layer tiny model that moves log-probs by ~1e-4 (the default model's
+    30 layers: ~0.03, benchmarks/precision_ppo.py), so the ratio stays within 1e-3 of 1 here."""
+    agent = make_agent(env, precision="bf16", recompute_logprobs=False)
+    data = collect(agent)
+    _, stats = agent.segment_loss(data, list(range(len(agent.rollout.segments))), 0.2, 0.2)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3) and stats["approx_kl"] < 1e-5
+
+
+def test_bf16_recomputed_old_log_probs_start_the_ratio_at_exactly_one(env):
+    agent = make_agent(env, precision="bf16")  # recompute_logprobs defaults to on in bf16
+    data = collect(agent)
+    rollout = torch.tensor([lp for s in agent.rollout.segments for lp in s.logprobs])
+    assert not torch.equal(rollout, data.logprobs[data.mask.bool()])  # replaced by the training forward's
+    _, stats = agent.segment_loss(data, list(range(len(agent.rollout.segments))), 0.2, 0.2)
+    assert stats["ratio_mean"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clip_fraction"] == 0.0
+
+
 def test_segments_bootstrap_truncation_not_termination(env):
     agent = make_agent(env, n_steps=12)
     assert not agent.actor_critic.value_net_head.weight.any()  # V starts at 0: no random baseline
@@ -184,12 +203,13 @@ def mean_episode_reward(agent, env, episodes=64):
     return float(np.mean(rewards))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("algorithm", ["LMPPO", "MaskablePPO"])
-def test_agents_learn_to_prefer_a_token(tiny, algorithm):
+def test_agents_learn_to_prefer_a_token(tiny, algorithm, precision):
     torch.manual_seed(0)
     env = masked_env(tiny)
     settings = dict(n_steps=16, batch_size=128, n_epochs=4, learning_rate=3e-3, device="cpu", seed=0,
-                    policy_kwargs={"model": "tiny"})
+                    policy_kwargs={"model": "tiny", "precision": precision})
     if algorithm == "LMPPO":
         agent = LMPPO(env=env, **settings)  # the plain policy: LMPPO applies the env's allowed tokens itself
     else:

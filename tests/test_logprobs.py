@@ -38,7 +38,7 @@ def test_chunks_give_the_full_vocabulary_values_and_gradients(lm, chunk):
         tokens = ids[:, 1:][mask[:, 1:].bool()]
         if chunked:
             logprobs, entropy = token_logprobs(model, hidden, tokens, temperature=0.7, allowed=allowed, entropy=True,
-                                               chunk=chunk)
+                                               entropy_grad=True, chunk=chunk)
         else:
             logprobs, entropy = full_vocabulary(model, hidden, tokens, 0.7, allowed)
         (logprobs.sum() + 0.1 * entropy.sum()).backward()
@@ -48,6 +48,14 @@ def test_chunks_give_the_full_vocabulary_values_and_gradients(lm, chunk):
     torch.testing.assert_close(our_entropy, their_entropy)
     for mine, reference in zip(our_grads, their_grads):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_an_entropy_statistic_carries_no_gradient(lm):
+    model, _ = lm
+    hidden = torch.randn(5, model.config.hidden_size, requires_grad=True)
+    scored = token_logprobs(model, hidden, torch.arange(5), entropy=True, chunk=2)
+    assert scored.logprobs.requires_grad and not scored.entropy.requires_grad
+    torch.testing.assert_close(scored.entropy, full_vocabulary(model, hidden, torch.arange(5))[1].detach())
 
 
 def test_no_vocabulary_sized_tensor_beyond_a_chunk_is_kept_for_backward(lm):
