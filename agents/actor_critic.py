@@ -13,6 +13,7 @@ values and hidden states this module returns are float32 in every precision.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from agents.rollout_cache import RolloutCache
 from lm_gym.logprobs import CHUNK_POSITIONS, check_output_logits, last_hidden_states, output_logits, token_logprobs
 from lm_gym.models import resolve_model
-from lm_gym.precision import autocast_off, resolve_precision
+from lm_gym.precision import Precision, autocast_off, resolve_precision
 
 PARTS = ("body", "head", "value")
 
@@ -102,7 +103,8 @@ class TransformerActorCritic(nn.Module):
         return cls(lm, tokenizer, backbone, value_init, temperature, precision)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, columns: torch.Tensor,
-                valid: torch.Tensor, allowed=None, actor: bool = True, entropy_grad: bool = False) -> TokenEvaluation:
+                valid: torch.Tensor, allowed=None, actor: bool = True, entropy: bool = True,
+                entropy_grad: bool = False) -> TokenEvaluation:
         """The training forward (which ``DistributedDataParallel`` wraps): log π, entropy and V(s) of given
         tokens, one forward of each backbone, the output head over the valid tokens only, in chunks.
 
@@ -112,19 +114,20 @@ class TransformerActorCritic(nn.Module):
         :param valid: (B, T) bool, the tokens to score (log-prob and entropy are 0 elsewhere).
         :param allowed: the (V,) allowed-token mask the tokens were sampled under, or None.
         :param actor: False: the policy LM runs without gradients (only the critic can learn).
-        :param entropy_grad: the entropy carries a gradient (for an entropy bonus); else it is a statistic.
+        :param entropy: compute the entropy (else it is returned as zeros); ``entropy_grad``: it carries a
+            gradient (for an entropy bonus), else it is a statistic.
         """
         keep = tokens.shape[1] + 1
-        with self.precision.autocast(ids.device):
+        with self.precision.autocast(ids.device), full_sequence_attention(self.lm, self.precision):
             with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
                 hidden = last_hidden_states(self.lm, ids, mask, keep)
             critic = hidden if self.value_backbone is None else last_hidden_states(self.value_backbone, ids, mask, keep)
             at = lambda states: states.gather(1, columns[..., None].expand(-1, -1, states.shape[-1]))  # noqa: E731
             scored = token_logprobs(self.lm, at(hidden)[valid], tokens[valid], temperature=self.temperature,
-                                    allowed=allowed, entropy=True, entropy_grad=entropy_grad, chunk=self.chunk)
-        logprobs = torch.zeros(tokens.shape, device=ids.device).masked_scatter(valid, scored.logprobs)
-        entropy = torch.zeros(tokens.shape, device=ids.device).masked_scatter(valid, scored.entropy)
-        return TokenEvaluation(logprobs, entropy, self.values_of(at(critic)))
+                                    allowed=allowed, entropy=entropy, entropy_grad=entropy_grad, chunk=self.chunk)
+        per_token = lambda values: torch.zeros(tokens.shape, device=ids.device).masked_scatter(valid, values)  # noqa: E731
+        entropies = per_token(scored.entropy) if entropy else torch.zeros(tokens.shape, device=ids.device)
+        return TokenEvaluation(per_token(scored.logprobs), entropies, self.values_of(at(critic)))
 
     def act(self, ids: torch.Tensor, mask: torch.Tensor, cache: RolloutCache, values: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -193,6 +196,22 @@ def token_batch(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.
     """(ids, mask), int64 (B, L) on ``device``, from token observations (arrays or tensors) of any batch shape."""
     ids, mask = (torch.as_tensor(x, device=device) for x in (input_ids, attention_mask))
     return ids.reshape(-1, ids.shape[-1]).long(), mask.reshape(-1, mask.shape[-1]).long()
+
+
+@contextmanager
+def full_sequence_attention(model, precision: Precision):
+    """The attention kernel for full-sequence forwards: in bf16 on a CPU, Hugging Face's eager attention (bf16
+    matrix multiplies), whose forward and backward run 2-3x faster there than PyTorch's CPU flash-attention
+    kernel in bf16 (``benchmarks/precision_ppo.py``); decoding keeps the model's own (SDPA is faster there)."""
+    config = model.config
+    if not (precision.reduced and model.device.type == "cpu" and config._attn_implementation == "sdpa"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def require_float32_training(model, name: str) -> None:

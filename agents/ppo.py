@@ -357,7 +357,7 @@ class LMPPO(PPO):
             sub = data.select(rows)
             steps = sub.mask.shape[1]
             evaluation = self.actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), sub.mask.bool(),
-                                           self.rollout.allowed)
+                                           self.rollout.allowed, entropy=False)
             data.logprobs[rows, :steps] = evaluation.logprobs * sub.mask
             data.values[rows, :steps] = evaluation.values * sub.mask
 

@@ -2,8 +2,9 @@
 decode) and training log-probs (one forward per episode) of the same tokens drift apart in each precision.
 
 One rollout of the default model is collected per precision. Speed: ``LMPPO.train()`` on the same rollout
-(the bf16 one) in both precisions, with the fraction of each precision's FLOP bound (6 x parameters x trained
-tokens/s against a 2048^3 matmul in that dtype, measured in the same run). Mismatch: before any update, the
+(the bf16 one) in both precisions, full fine-tuning and LoRA, with the fraction of each precision's FLOP bound
+(6 x parameters x trained tokens/s, 4 x for LoRA, against a 2048^3 matmul in that dtype, measured in the same
+run). Mismatch: before any update, the
 training forward's log-probs of each rollout's tokens against the log-probs the rollout sampled them with:
 mean and max |delta log p|, the spread of the PPO ratio on the first minibatch, and approx_kl there.
 Run from the project root: ``python -m benchmarks.precision_ppo [--envs 16] [--response-tokens 64]``.
@@ -26,9 +27,13 @@ def zero_reward(prompts, responses, **context):
     return [0.0] * len(responses)
 
 
-def make_agent(precision: str, env: SB3VecEnv, args) -> LMPPO:
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+
+
+def make_agent(precision: str, env: SB3VecEnv, args, lora=None) -> LMPPO:
     agent = LMPPO(env=env, n_steps=args.response_tokens, batch_size=args.minibatch_tokens, n_epochs=args.epochs,
-                  seed=0, device="cpu", precision=precision, policy_kwargs={"model": "default", "device": "cpu"})
+                  seed=0, device="cpu", precision=precision,
+                  policy_kwargs={"model": "default", "device": "cpu", "lora": lora})
     agent.set_logger(configure(None, []))
     return agent
 
@@ -71,10 +76,15 @@ def first_minibatch_after_recompute(agent: LMPPO) -> dict[str, float]:
     return stats
 
 
-def timed_train(agent: LMPPO) -> float:
-    started = time.perf_counter()
-    agent.train()
-    return time.perf_counter() - started
+def timed_train(agent: LMPPO, repeats: int) -> float:
+    """The fastest of ``repeats`` ``train()`` calls from the same state (after one warm-up call)."""
+    state, times = agent.training_state(), []
+    for _ in range(repeats + 1):
+        agent.load_training_state(state)
+        started = time.perf_counter()
+        agent.train()
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
 
 
 def main() -> None:
@@ -83,39 +93,47 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--minibatch-tokens", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed train() calls per row (the fastest counts)")
     args = parser.parse_args()
     env = SB3VecEnv(args.envs, max_new_tokens=args.response_tokens, max_prompt_tokens=64, truncate_prompt="left",
                     reward=zero_reward, device="cpu", precision="bf16", reference_logprobs=False)
-    agents, mismatches, rollouts = {}, {}, {}
+    mismatches, rollout = {}, None
     for precision in ("fp32", "bf16"):
-        agents[precision] = agent = make_agent(precision, env, args)
+        agent = make_agent(precision, env, args)
         collect(agent)
-        rollouts[precision] = agent.rollout
         mismatches[precision] = mismatch(agent)
-    recomputed = first_minibatch_after_recompute(agents["bf16"])
-    tokens = sum(len(s.tokens) for s in rollouts["bf16"].segments)
-    positions = sum(len(s.context) + len(s.tokens) for s in rollouts["bf16"].segments)
-    seconds = {}
-    for precision, agent in agents.items():
-        agent.rollout = rollouts["bf16"]
-        timed_train(agent)  # warm-up: first-call allocations and the fused optimizer's state
-        agent.load_training_state(agent.training_state())
-        seconds[precision] = timed_train(agent)
-    params = sum(p.numel() for p in agents["fp32"].policy.parameters() if p.requires_grad)
+        rollout = agent.rollout  # the bf16 one: both precisions train on it
+    recomputed = first_minibatch_after_recompute(agent)
+    tokens = sum(len(s.tokens) for s in rollout.segments)
+    positions = sum(len(s.context) + len(s.tokens) for s in rollout.segments)
+    rows = []
+    for label, lora, flops_per_token in (("full fine-tuning", None, 6), ("LoRA r=16, all linear layers", LORA, 4)):
+        for precision in ("fp32", "bf16"):
+            agent = make_agent(precision, env, args, lora)
+            agent.rollout = rollout
+            rows.append((label, precision, flops_per_token, timed_train(agent, args.repeats)))
+            del agent
+    params = sum(p.numel() for p in make_agent("fp32", env, args).actor_critic.lm.parameters())
     bounds = {"fp32": matmul_gflops(dtype=torch.float32), "bf16": matmul_gflops(dtype=torch.bfloat16)}
 
     print(f"machine: {describe_machine()}")
-    print(f"default model ({params / 1e6:.1f} M trainable), {args.envs} envs x {args.response_tokens} tokens: "
+    print(f"default model ({params / 1e6:.1f} M parameters), {args.envs} envs x {args.response_tokens} tokens: "
           f"{tokens} trained tokens in {positions} positions; {args.epochs} epochs, {args.minibatch_tokens} tokens "
-          f"per minibatch, full fine-tuning, fused AdamW")
+          f"per minibatch, fused AdamW, fastest of {args.repeats}")
     print(f"matmul 2048^3: fp32 {bounds['fp32']:.0f} GFLOP/s, bf16 {bounds['bf16']:.0f} GFLOP/s\n")
-    print("| precision | LMPPO.train() s | trained tokens/s | speed-up | fraction of own FLOP bound |\n|---|---|---|---|---|")
-    for precision in ("fp32", "bf16"):
-        rate = tokens * args.epochs / seconds[precision]
-        print(f"| {precision} | {seconds[precision]:.2f} | {rate:.0f} | {seconds['fp32'] / seconds[precision]:.2f}x | "
-              f"{6 * params * rate / (bounds[precision] * 1e9):.0%} |")
+    print("| update | precision | LMPPO.train() s | trained tokens/s | bf16 speed-up | fraction of own FLOP bound |")
+    print("|---|---|---|---|---|---|")
+    fp32_seconds = {label: seconds for label, precision, _, seconds in rows if precision == "fp32"}
+    for label, precision, flops_per_token, seconds in rows:
+        rate = tokens * args.epochs / seconds
+        print(f"| {label} | {precision} | {seconds:.2f} | {rate:.0f} | {fp32_seconds[label] / seconds:.2f}x | "
+              f"{flops_per_token * params * rate / (bounds[precision] * 1e9):.0%} |")
+    print("\nFLOP bound: 6 x parameters x trained tokens/s for full fine-tuning (forward, input and weight gradients), "
+          "4 x for LoRA (no weight gradients of the frozen base), against the matmul in the same precision.")
     keys = list(mismatches["fp32"])
-    print("\n| precision | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
+    print("\nRollout (incremental decode) against training (one forward per segment) log-probs of the same tokens, "
+          "before any update:\n")
+    print("| precision | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for precision, row in mismatches.items():
         print(f"| {precision} | " + " | ".join(v if isinstance(v, str) else f"{v:.2e}" for v in row.values()) + " |")
     print(f"\nbf16 with the old log-probs recomputed by the training forward (LMPPO's default in bf16), first "
