@@ -309,14 +309,16 @@ class LMPPO(PPO):
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
         clip_range_vf = self.clip_range_vf(self._current_progress_remaining) if self.clip_range_vf else None
-        data = self._prepare_batch()
+        data = self.rollout.batch(self.actor_critic.tokenizer.pad_token_id, self.device)
+        epochs = [self._minibatches(data.mask) for _ in range(self.n_epochs)]
+        self._fill_advantages(data, epochs[0])
         actor = self.trained_rollouts >= self.critic_warmup
         if self.data_parallel is not None and self.data_parallel.find_unused_parameters == actor:
             self._wrap_data_parallel(actor)  # the actor's parameters join (or leave) the gradients
         logs: dict[str, list[float]] = {}
         started = time.perf_counter()
-        for _ in range(self.n_epochs):
-            for rows in self._minibatches(data.mask):
+        for minibatches in epochs:
+            for rows in minibatches:
                 stats = self._update(data, rows, clip_range, clip_range_vf, actor)
                 for key, value in stats.items():
                     logs.setdefault(key, []).append(value)
@@ -336,9 +338,15 @@ class LMPPO(PPO):
     def _prepare_batch(self) -> SegmentBatch:
         """The rollout's segments padded, with advantages from the (normalised) rewards and the KL penalty."""
         data = self.rollout.batch(self.actor_critic.tokenizer.pad_token_id, self.device)
+        self._fill_advantages(data)
+        return data
+
+    def _fill_advantages(self, data: SegmentBatch, minibatches: list[list[int]] | None = None) -> None:
+        """Advantages and returns of ``data`` from the (normalised) rewards and the KL penalty, after the old
+        log-probs and values are recomputed (see ``recompute_logprobs``) in the first epoch's ``minibatches``."""
         recompute = self.recompute_logprobs
         if recompute or (recompute is None and self.actor_critic.precision.reduced):
-            self._recompute_old(data)
+            self._recompute_old(data, minibatches)
         scores, scored = data.scores, data.scored.bool()
         scored_scores = distributed.gather(scores[scored])  # every rank's, for the same statistics everywhere
         if self.normalize_reward and len(scored_scores):
@@ -346,14 +354,17 @@ class LMPPO(PPO):
             normalised = self.reward_stats.normalise(scores).clamp(-self.reward_clip, self.reward_clip)
             scores = torch.where(scored, normalised, scores)
         data.compute_advantages(scores, self.kl_coef, self.gamma, self.gae_lambda)
-        return data
 
     @torch.no_grad()
-    def _recompute_old(self, data: SegmentBatch) -> None:
-        """The training forward's log-probs and values in place of the rollout's (see ``recompute_logprobs``),
-        about ``batch_size`` tokens per forward."""
+    def _recompute_old(self, data: SegmentBatch, minibatches: list[list[int]] | None = None) -> None:
+        """The training forward's log-probs and values in place of the rollout's (see ``recompute_logprobs``).
+
+        The forwards take the segments in the first epoch's ``minibatches`` (default: about ``batch_size``
+        tokens each, in order): bf16 results depend on the batch's shapes, so the same groups make PPO's first
+        ratios exactly 1.
+        """
         lengths = data.mask.sum(dim=1).tolist()
-        for rows in token_groups(list(range(len(lengths))), lengths, self.batch_size):
+        for rows in minibatches or token_groups(list(range(len(lengths))), lengths, self.batch_size):
             sub = data.select(rows)
             steps = sub.mask.shape[1]
             evaluation = self.actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), sub.mask.bool(),

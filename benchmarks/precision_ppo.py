@@ -68,11 +68,11 @@ def mismatch(agent: LMPPO) -> dict[str, float]:
 
 def first_minibatch_after_recompute(agent: LMPPO) -> dict[str, float]:
     """PPO's ratio on the first minibatch as LMPPO sees it by default in bf16 (old log-probs recomputed)."""
-    agent.recompute_logprobs = True
-    data = agent._prepare_batch()
-    agent.recompute_logprobs = None
+    data = agent.rollout.batch(agent.actor_critic.tokenizer.pad_token_id, agent.device)
+    minibatches = agent._minibatches(data.mask)
+    agent._fill_advantages(data, minibatches)
     with torch.no_grad():
-        _, stats = agent.segment_loss(data, agent._minibatches(data.mask)[0], 0.2)
+        _, stats = agent.segment_loss(data, minibatches[0], 0.2)
     return stats
 
 
