@@ -18,9 +18,9 @@ import copy
 
 import torch
 
-from lm_gym.logprobs import check_output_logits, last_hidden_states, token_logprobs
+from lm_gym.logprobs import check_output_logits, last_hidden_states, output_logits, token_logprobs
 from lm_gym.models import adapters_disabled
-from lm_gym.padding import mask_positions, pad_left
+from lm_gym.padding import pad_left
 
 
 class ReferenceModel:
@@ -49,14 +49,6 @@ class ReferenceModel:
         """The device of the model."""
         return self.model.device
 
-    def __call__(self, **inputs):
-        """The model's forward with its adapters off and without gradients."""
-        with torch.no_grad(), adapters_disabled(self.model):
-            return self.model(**inputs)
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
-        return self(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False, **kwargs)
-
     def continuation_logprobs(
         self, prefixes: list[list[int]], continuations: list[list[int]], batch_size: int = 16
     ) -> list[torch.Tensor]:
@@ -82,8 +74,9 @@ class ReferenceModel:
         rows = []
         for start in range(0, len(contexts), batch_size):
             ids, mask = pad_left(contexts[start : start + batch_size], self.tokenizer.pad_token_id, self.device)
-            logits = self._forward(ids, mask, logits_to_keep=1).logits[:, -1].float()
-            rows.append(torch.log_softmax(logits, dim=-1))
+            with torch.no_grad(), adapters_disabled(self.model):
+                hidden = last_hidden_states(self.model, ids, mask)[:, -1].contiguous()  # (B, H): see EpisodeBatch
+                rows.append(torch.log_softmax(output_logits(self.model, hidden), dim=-1))
         return torch.cat(rows)
 
     def mean_hidden_states(self, sequences: list[list[int]], batch_size: int = 16) -> torch.Tensor:

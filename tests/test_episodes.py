@@ -65,3 +65,19 @@ def test_continuations_do_not_depend_on_batch_neighbours(tiny):
     for continuation, limit in zip(together, [6, 3, 8]):
         assert 1 <= len(continuation) <= limit
         assert len(continuation) == limit or continuation[-1] == tokenizer.eos_token_id
+
+
+def test_the_output_head_sees_one_position_per_row(tiny):
+    """Prefill and decode hand the output head (B, H) rows of the last position: not the LM's own forward with
+    ``logits_to_keep=1``, whose strided (B, 1, H) slice torch multiplies with B copies of the head when the
+    weights need no gradient (gigabytes on a real vocabulary)."""
+    model, tokenizer = tiny
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
+    try:
+        batch = EpisodeBatch(model, 3, 32, tokenizer.pad_token_id)
+        batch.prefill([0, 1, 2], [[5, 6, 7], [8, 9], [10, 11, 12, 13]])
+        batch.append(torch.tensor([1, 2, 3]), torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+    finally:
+        hook.remove()
+    assert shapes == [torch.Size([3, model.config.hidden_size])] * 2
