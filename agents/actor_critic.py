@@ -140,11 +140,12 @@ class TransformerActorCritic(nn.Module):
             logits, value, _ = self.evaluate(ids, mask)
             return logits[:, -1], value[:, -1]
         with self.precision.autocast(ids.device):
-            logits, hidden = cache.latest(self.lm, self.tokenizer.pad_token_id, ids, mask)
+            merge = self.precision.reduced  # bf16 already differs from training; see agents.rollout_cache
+            logits, hidden = cache.latest(self.lm, self.tokenizer.pad_token_id, ids, mask, merge)
             if self.value_backbone is not None:
                 if not values:
                     return logits / self.temperature, None
-                hidden = cache.latest(self.value_backbone, self.tokenizer.pad_token_id, ids, mask)[1]
+                hidden = cache.latest(self.value_backbone, self.tokenizer.pad_token_id, ids, mask, merge)[1]
         return logits / self.temperature, self.values_of(hidden)
 
     def evaluate(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1, actor: bool = True,

@@ -6,10 +6,15 @@ per backbone, an :class:`lm_gym.episode_batch.EpisodeBatch` of the rows' tokens 
 whose observation is not exactly its previous one plus one token is prefilled afresh all the same, so the
 cache never serves keys and values of other tokens. Nor of other weights: any optimizer step or in-place
 write to the parameters since the cache was filled drops it (:func:`weights_version`).
+
+A LoRA policy in bf16 acts through a copy of its weights with the adapters merged in (:func:`merged_copy`,
+made again whenever the weights change): one plain bf16 forward per step instead of the base layer plus two
+small adapter products and their casts in each of its linear layers, about twice as fast to decode.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import torch
@@ -35,11 +40,20 @@ def weights_version(model) -> tuple[int, int]:
     return _optimizer_steps, sum(p._version for p in model.parameters())
 
 
+def merged_copy(model):
+    """A frozen copy of a PEFT LoRA ``model`` with its adapters merged into the base weights (in the base's
+    dtype); any other model as it is."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    return copy.deepcopy(model).merge_and_unload().requires_grad_(False).eval()
+
+
 class _BackboneCache:
     """One backbone's rows: the episode batch, the previous observation and the weights it was computed with."""
 
-    def __init__(self, model, pad_token_id: int, rows: int, length: int):
-        self.batch = EpisodeBatch(model, rows, length, pad_token_id, keep_hidden=True)
+    def __init__(self, model, pad_token_id: int, rows: int, length: int, merge_adapters: bool):
+        runner = merged_copy(model) if merge_adapters else model
+        self.batch = EpisodeBatch(runner, rows, length, pad_token_id, keep_hidden=True)
         self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.version = weights_version(model)
         self.restarted = torch.zeros(rows, dtype=torch.bool, device=self.batch.device)
@@ -74,13 +88,15 @@ class RolloutCache:
             backbone.restarted[rows] = True
 
     @torch.no_grad()
-    def latest(self, model, pad_token_id: int, ids: torch.Tensor, mask: torch.Tensor
+    def latest(self, model, pad_token_id: int, ids: torch.Tensor, mask: torch.Tensor, merge_adapters: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs (B, V), last hidden state (B, H)) of ``model`` at the latest position of each row, running
-        only the new token of rows that extend their previous observation."""
+        only the new token of rows that extend their previous observation; ``merge_adapters``: run a LoRA
+        ``model`` as its :func:`merged_copy`."""
         backbone = self._backbones.get(id(model))
         if backbone is None or not backbone.fits(model, ids):
-            backbone = self._backbones[id(model)] = _BackboneCache(model, pad_token_id, *ids.shape)
+            self._backbones.pop(id(model), None)  # the old copy goes before a new one is made
+            backbone = self._backbones[id(model)] = _BackboneCache(model, pad_token_id, *ids.shape, merge_adapters)
         batch = backbone.batch
         extends = backbone.extends(ids, mask)
         fresh = (~extends).nonzero().squeeze(1).tolist()

@@ -129,3 +129,27 @@ def test_lmppo_precision_conflicts_are_refused():
 def test_a_resolved_precision_prints_as_name_and_reason():
     assert str(Precision("bf16", "auto: because")) == "bf16 (auto: because)"
     assert Precision("fp32").autocast("cpu").__class__.__name__ == "nullcontext"
+
+
+def test_a_bf16_lora_policy_acts_through_a_merged_copy_refreshed_after_updates():
+    from agents.rollout_cache import RolloutCache
+
+    model, tokenizer = lm_gym.load_model("tiny", device="cpu", dtype="bf16")
+    actor_critic = TransformerActorCritic.from_pretrained(model, tokenizer, precision="bf16",
+                                                          lora={"r": 2, "lora_alpha": 4, "init_lora_weights": False})
+    ids = torch.randint(0, 200, (2, 6))
+    mask = torch.ones_like(ids)
+    cache = RolloutCache()
+    with torch.no_grad():
+        logits, _ = actor_critic.act(ids, mask, cache)
+        expected = torch.log_softmax(actor_critic.evaluate(ids, mask).logits[:, -1], dim=-1)
+        with actor_critic.lm.disable_adapter():
+            base = torch.log_softmax(actor_critic.evaluate(ids, mask).logits[:, -1], dim=-1)
+    runner = cache._backbones[id(actor_critic.lm)].batch.model
+    assert runner is not actor_critic.lm and not hasattr(runner, "peft_config")  # a plain model, adapters merged
+    assert (logits - expected).abs().max() < 0.2 * (base - expected).abs().max()  # the adapters are in it
+    adapter = next(p for n, p in actor_critic.lm.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        adapter.add_(1.0)  # new weights: the next act makes a new merged copy
+        actor_critic.act(ids, mask, cache)
+    assert cache._backbones[id(actor_critic.lm)].batch.model is not runner
