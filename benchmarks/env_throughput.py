@@ -5,8 +5,9 @@
 (c) gymnasium SyncVectorEnv of N of our single envs (N batch-1 forwards per step)
 (d) our LanguageModelVectorEnv (one batched KV-cached forward per step)
 
-Bounds measured in the same run: the FLOP bound (a large fp32 matmul's rate / (2 x parameters)) and the
-weight-streaming bound (the model's linear layers alone on N one-token inputs: N / their time).
+Each in float32 and in bf16 (``--precisions``), with the bounds measured in the same run in that precision:
+the FLOP bound (a large matmul's rate / (2 x parameters)) and the weight-streaming bound (the model's linear
+layers alone on N one-token inputs: N / their time).
 Rates are steady-state steps after a reset; the vector env's rate including its reset is shown too.
 
 Run from the project root: ``python -m benchmarks.env_throughput [--model default] [--sizes 1 8 32]``.
@@ -82,12 +83,13 @@ def decode_bounds(model, batch: int, kv_length: int, repeats: int = 5) -> tuple[
     """Tokens/s if a decode step cost only (1) the model's linear layers on ``batch`` one-token inputs,
     (2) those plus bare grouped-query attention of each layer over a ``kv_length`` KV cache."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.randn(batch, m.in_features) for m in linears]
+    dtype = linears[0].weight.dtype  # the bound in the precision being measured
+    inputs = [torch.randn(batch, m.in_features, dtype=dtype) for m in linears]
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    query = torch.randn(batch, config.num_attention_heads, 1, head_dim)
+    query = torch.randn(batch, config.num_attention_heads, 1, head_dim, dtype=dtype)
     caches = [
-        (torch.randn(batch, config.num_key_value_heads, kv_length, head_dim),) * 2
+        (torch.randn(batch, config.num_key_value_heads, kv_length, head_dim, dtype=dtype),) * 2
         for _ in range(config.num_hidden_layers)
     ]
 
@@ -109,29 +111,17 @@ def decode_bounds(model, batch: int, kv_length: int, repeats: int = 5) -> tuple[
     return batch / seconds[0], batch / (seconds[0] + seconds[1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--naive-steps", type=int, default=RESPONSE_TOKENS)
-    parser.add_argument("--sync-steps", type=int, default=16, help="steps timed for SyncVectorEnv at N > 1")
-    args = parser.parse_args()
-
-    model, tokenizer = load_model(args.model, device="cpu")
-    model.requires_grad_(False)
+def measure(model, tokenizer, args) -> dict:
+    """Every variant's tokens/s and the bounds, for ``model`` in its own dtype."""
     env_kwargs = dict(
         model=model, tokenizer=tokenizer, max_new_tokens=RESPONSE_TOKENS, max_prompt_tokens=PROMPT_TOKENS,
         truncate_prompt="left",
     )
-    params = sum(p.numel() for p in model.parameters())
     single = LanguageModelEnv(**env_kwargs)
     vocab, stops = single.action_space.n, single.episodes.stop_token_ids.tolist()
-
-    naive = time_naive(model, tokenizer, env_kwargs, args.naive_steps)
-    ours_single, _ = time_env(single, 0, RESPONSE_TOKENS, vocab, stops)
-    gflops = matmul_gflops()
-    flop_bound = gflops * 1e9 / (2 * params)
-    rows = []
+    result = {"naive": time_naive(model, tokenizer, env_kwargs, args.naive_steps),
+              "single": time_env(single, 0, RESPONSE_TOKENS, vocab, stops)[0],
+              "gflops": matmul_gflops(dtype=model.dtype), "rows": []}
     for n in args.sizes:
         sync = SyncVectorEnv([lambda: LanguageModelEnv(**env_kwargs) for _ in range(n)])
         sync_rate, _ = time_env(sync, n, RESPONSE_TOKENS if n == 1 else args.sync_steps, vocab, stops)
@@ -139,25 +129,49 @@ def main() -> None:
         vector = LanguageModelVectorEnv(n, **env_kwargs)
         vector_rate, with_reset = time_env(vector, n, RESPONSE_TOKENS, vocab, stops)
         kv_length = round(float(vector.episodes.batch.lengths.float().mean())) - RESPONSE_TOKENS // 2
-        rows.append((n, sync_rate, vector_rate, with_reset, *decode_bounds(model, n, kv_length)))
+        result["rows"].append((n, sync_rate, vector_rate, with_reset, *decode_bounds(model, n, kv_length)))
         vector.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--naive-steps", type=int, default=RESPONSE_TOKENS)
+    parser.add_argument("--sync-steps", type=int, default=16, help="steps timed for SyncVectorEnv at N > 1")
+    args = parser.parse_args()
+    results = {}
+    for precision in args.precisions:
+        model, tokenizer = load_model(args.model, device="cpu", dtype=precision)
+        model.requires_grad_(False)
+        results[precision] = measure(model, tokenizer, args)
+    params = sum(p.numel() for p in model.parameters())
 
     print(f"machine: {describe_machine()}")
     print(f"model: {args.model} ({params / 1e6:.1f} M parameters), response {RESPONSE_TOKENS} tokens, "
           f"prompt <= {PROMPT_TOKENS} tokens, random non-stop actions")
-    print(f"(a) naive single env, full forward per step: {naive:.1f} tokens/s")
-    print(f"(b) LanguageModelEnv: {ours_single:.1f} tokens/s ({ours_single / naive:.1f}x a)")
-    print(f"matmul: {gflops:.0f} GFLOP/s -> FLOP bound {flop_bound:.0f} tokens/s\n")
-    print("| N | (c) SyncVectorEnv tok/s | (d) LanguageModelVectorEnv tok/s | d/a | d/c "
-          "| weight-streaming bound tok/s | d / streaming bound | + KV-cache attention bound tok/s | d / that bound "
-          "| d / FLOP bound | d incl. reset tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n, sync_rate, vector_rate, with_reset, streaming, with_attention in rows:
-        print(f"| {n} | {sync_rate:.1f} | {vector_rate:.1f} | {vector_rate / naive:.1f} | {vector_rate / sync_rate:.1f} "
-              f"| {streaming:.1f} | {vector_rate / streaming:.0%} | {with_attention:.1f} "
-              f"| {vector_rate / with_attention:.0%} | {vector_rate / flop_bound:.0%} | {with_reset:.1f} |")
+    for precision, result in results.items():
+        naive, single, flop_bound = result["naive"], result["single"], result["gflops"] * 1e9 / (2 * params)
+        print(f"\n{precision}: (a) naive single env, full forward per step: {naive:.1f} tokens/s; (b) LanguageModelEnv: "
+              f"{single:.1f} tokens/s ({single / naive:.1f}x a); matmul {result['gflops']:.0f} GFLOP/s -> FLOP bound "
+              f"{flop_bound:.0f} tokens/s\n")
+        print("| N | (c) SyncVectorEnv tok/s | (d) LanguageModelVectorEnv tok/s | d/a | d/c "
+              "| weight-streaming bound tok/s | d / streaming bound | + KV-cache attention bound tok/s | d / that bound "
+              "| d / FLOP bound | d incl. reset tok/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for n, sync_rate, vector_rate, with_reset, streaming, with_attention in result["rows"]:
+            print(f"| {n} | {sync_rate:.1f} | {vector_rate:.1f} | {vector_rate / naive:.1f} | {vector_rate / sync_rate:.1f} "
+                  f"| {streaming:.1f} | {vector_rate / streaming:.0%} | {with_attention:.1f} "
+                  f"| {vector_rate / with_attention:.0%} | {vector_rate / flop_bound:.0%} | {with_reset:.1f} |")
+    if len(results) == 2:
+        ratios = ", ".join(f"N={row[0]}: {bf[2] / row[2]:.2f}x" for row, bf in zip(results["fp32"]["rows"],
+                                                                                    results["bf16"]["rows"]))
+        print(f"\nLanguageModelVectorEnv bf16 / fp32: {ratios}")
     print("\nSteady-state steps after reset(); the last column adds the reset (prompt prefill of every row).")
-    print("The second bound adds bare attention over a KV cache of the episode's mean length to the linear layers.")
+    print("Bounds in each precision's own dtype: the linear layers alone on N one-token inputs (weight streaming), "
+          "plus bare attention over a KV cache of the episode's mean length.")
 
 
 if __name__ == "__main__":

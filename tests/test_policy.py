@@ -66,13 +66,14 @@ def test_rollout_runs_one_token_per_step(vec_env, monkeypatch):
     policy = make_ppo(vec_env).policy
     policy.set_training_mode(False)
     widths = []
-    forward = policy.actor_critic.lm.forward
+    decoder = policy.actor_critic.lm.get_decoder()  # acting runs the decoder, then the head on the last position
+    forward = decoder.forward
 
     def spy(*args, **kwargs):
         widths.append(kwargs["input_ids"].shape[1])
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(policy.actor_critic.lm, "forward", spy)
+    monkeypatch.setattr(decoder, "forward", spy)
     obs = vec_env.reset()
     for _ in range(3):
         with torch.no_grad():
