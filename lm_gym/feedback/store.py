@@ -1,0 +1,333 @@
+"""The feedback store: items, raters, ratings and signals on SQLite or PostgreSQL through SQLAlchemy.
+
+One class, :class:`FeedbackStore`, owns the engine and every read and write; the web app, the CLI, the
+exports and the live reward all go through it. Writes are idempotent: a request carrying an idempotency
+key that was already stored returns the stored row instead of writing a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lm_gym.feedback.schema import ITEM_KINDS, ROLES, SCHEMA_VERSION, SIGNALS, Base, Item, Meta, Rater, Rating, Signal
+
+
+class StoreError(ValueError):
+    """A request the store refuses; ``status`` is the HTTP status the web app answers with."""
+
+    status = 400
+
+
+class NotFound(StoreError):
+    status = 404
+
+
+class Conflict(StoreError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item to add: a prompt (text or chat messages) with one response, or two for a comparison.
+
+    :param prompt: the prompt: a string or a list of ``{"role", "content"}`` messages.
+    :param response_a: the response to rate (or the left one of a pair).
+    :param response_b: the right response of a pair; ``None`` for a single response.
+    :param model_a: which model wrote ``response_a`` (hidden from raters).
+    :param model_b: which model wrote ``response_b``.
+    :param sampling: the sampling settings that produced the responses (stored as JSON).
+    :param gold: the known answer of a gold item: +1/-1 for a single response, +1/-1/0 (A/B/tie) for a pair.
+    :param source: where the item came from (a file, ``sample``, ``signal``).
+    """
+
+    prompt: str | list
+    response_a: str
+    response_b: str | None = None
+    model_a: str | None = None
+    model_b: str | None = None
+    sampling: dict | None = None
+    gold: float | None = None
+    source: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "single" if self.response_b is None else "pair"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def content_hash(prompt, response_a: str, response_b: str | None) -> str:
+    return hashlib.sha256(json.dumps([prompt, response_a, response_b]).encode()).hexdigest()
+
+
+def default_url(directory: str | Path) -> str:
+    """The embedded SQLite database ``feedback.db`` under ``directory`` (created if missing)."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(path / 'feedback.db').resolve()}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``. SQLite gets WAL mode, a busy timeout, foreign keys and ``BEGIN IMMEDIATE``
+    transactions (a deferred transaction that reads and then writes fails at once under concurrent writers
+    instead of waiting for the lock)."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=20, max_overflow=40, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # the begin hook below opens transactions itself
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class FeedbackStore:
+    """The feedback database at ``url``, created or checked against :data:`SCHEMA_VERSION` on opening.
+
+    :param url: a SQLAlchemy URL: ``sqlite:///path/feedback.db`` or ``postgresql+psycopg://user@host/db``.
+    :raises StoreError: when the database holds a schema version this code does not know.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.secret = self._migrate()
+
+    def _migrate(self) -> str:
+        """Create missing tables, record the schema version and the form-signing secret; return the secret."""
+        Base.metadata.create_all(self.engine)
+        with self.sessions.begin() as session:
+            version = session.get(Meta, "schema_version")
+            if version is None:
+                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(version.value) != SCHEMA_VERSION:
+                raise StoreError(f"{self.url} has feedback schema version {version.value}; this lm-gym reads "
+                                 f"version {SCHEMA_VERSION} (upgrade lm-gym or use another database)")
+            secret = session.get(Meta, "secret")
+            if secret is None:
+                secret = Meta(key="secret", value=secrets.token_hex(32))
+                session.add(secret)
+            return secret.value
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        with self.sessions() as session:
+            return int(session.get(Meta, "schema_version").value)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    # raters and applications
+
+    def invite(self, name: str, role: str = "rater") -> tuple[int, str]:
+        """Add a rater (or an application with ``role="app"``); return its id and its secret token, which
+        is shown once and stored only as a hash.
+
+        :param name: a name for the admin pages (1 to 200 characters).
+        :param role: ``"rater"`` (rates on the web pages and the API) or ``"app"`` (posts signals).
+        """
+        if role not in ROLES:
+            raise StoreError(f"role={role!r}; expected one of {list(ROLES)}")
+        if not name.strip() or len(name) > 200:
+            raise StoreError(f"a rater's name must be 1 to 200 characters, got {len(name)}")
+        token = secrets.token_urlsafe(24)
+        with self.sessions.begin() as session:
+            rater = Rater(name=name, role=role, token_hash=hash_token(token))
+            session.add(rater)
+            session.flush()
+            return rater.id, token
+
+    def authenticate(self, token: str | None, role: str) -> Rater | None:
+        """The rater (or application) whose token this is and whose role is ``role``; None otherwise."""
+        if not token:
+            return None
+        with self.sessions() as session:
+            rater = session.scalar(select(Rater).where(Rater.token_hash == hash_token(token)))
+        return rater if rater is not None and rater.role == role else None
+
+    def raters(self) -> list[Rater]:
+        """Every rater and application, oldest first."""
+        with self.sessions() as session:
+            return list(session.scalars(select(Rater).order_by(Rater.id)))
+
+    # items
+
+    def add_items(self, items: list[NewItem]) -> list[int]:
+        """Store ``items`` in one transaction; return their ids."""
+        rows = [_item_row(item) for item in items]
+        with self.sessions.begin() as session:
+            session.add_all(rows)
+            session.flush()
+            return [row.id for row in rows]
+
+    def item(self, item_id: int) -> Item:
+        """The item with this id, or :class:`NotFound`."""
+        with self.sessions() as session:
+            item = session.get(Item, item_id)
+        if item is None:
+            raise NotFound(f"no item with id {item_id}")
+        return item
+
+    def items(self) -> list[Item]:
+        """Every item, oldest first."""
+        with self.sessions() as session:
+            return list(session.scalars(select(Item).order_by(Item.id)))
+
+    def next_item(self, rater_id: int, ratings_per_item: int) -> Item | None:
+        """The next item for this rater: one they have not judged (or skipped), among those with fewer than
+        ``ratings_per_item`` judgements, the least judged first (then the oldest); None when none is left."""
+        judged = select(Rating.item_id).where(Rating.rater_id == rater_id)
+        counts = (select(Rating.item_id, func.count(Rating.id).label("n")).where(Rating.value.is_not(None))
+                  .group_by(Rating.item_id).subquery())
+        n = func.coalesce(counts.c.n, 0)
+        query = (select(Item).outerjoin(counts, counts.c.item_id == Item.id)
+                 .where(Item.id.not_in(judged), n < ratings_per_item).order_by(n, Item.id).limit(1))
+        with self.sessions() as session:
+            return session.scalar(query)
+
+    def progress(self, rater_id: int, ratings_per_item: int) -> tuple[int, int]:
+        """(items this rater has judged or skipped, items still open to them)."""
+        with self.sessions() as session:
+            done = session.scalar(select(func.count(Rating.id)).where(Rating.rater_id == rater_id))
+            counts = (select(Rating.item_id, func.count(Rating.id).label("n")).where(Rating.value.is_not(None))
+                      .group_by(Rating.item_id).subquery())
+            judged = select(Rating.item_id).where(Rating.rater_id == rater_id)
+            left = session.scalar(select(func.count(Item.id)).outerjoin(counts, counts.c.item_id == Item.id)
+                                  .where(Item.id.not_in(judged), func.coalesce(counts.c.n, 0) < ratings_per_item))
+        return done, left
+
+    # ratings and signals
+
+    def record(self, rater_id: int, item_id: int, kind: str, value: float | None, comment: str = "",
+               seconds: float | None = None, idempotency_key: str | None = None) -> tuple[Rating, bool]:
+        """Store one judgement; return ``(rating, created)``: ``created`` is False when ``idempotency_key``
+        was already used by this rater for the same judgement (the stored one is returned).
+
+        :param kind: ``"single"`` (``value`` +1/-1), ``"pair"`` (+1 A, -1 B, 0 tie) or ``"skip"`` (None).
+        :raises NotFound: no such item. :raises StoreError: the item is of the other kind.
+        :raises Conflict: the rater already judged the item, or reused the key for another judgement.
+        """
+        with self.sessions() as session:
+            if idempotency_key is not None:
+                stored = _stored_rating(session, rater_id, idempotency_key)
+                if stored is not None:
+                    return _same_request(stored, item_id, value, comment), False
+            item = session.get(Item, item_id)
+            if item is None:
+                raise NotFound(f"no item with id {item_id}")
+            if kind != "skip" and item.kind != kind:
+                expected = "a rating (+1/-1)" if item.kind == "single" else "a comparison (a/b/tie)"
+                raise StoreError(f"item {item_id} holds {'one response' if item.kind == 'single' else 'two responses'}; "
+                                 f"it takes {expected}")
+            rating = Rating(item_id=item_id, rater_id=rater_id, value=value, comment=comment, seconds=seconds,
+                            idempotency_key=idempotency_key)
+            session.add(rating)
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                return self._after_conflict(session, rater_id, item_id, value, comment, idempotency_key), False
+            return rating, True
+
+    def _after_conflict(self, session: Session, rater_id, item_id, value, comment, idempotency_key) -> Rating:
+        """A concurrent retry stored the same key first (return it), or the rater had judged the item."""
+        if idempotency_key is not None:
+            stored = _stored_rating(session, rater_id, idempotency_key)
+            if stored is not None:
+                return _same_request(stored, item_id, value, comment)
+        raise Conflict(f"rater {rater_id} has already judged item {item_id}; each rater judges an item once")
+
+    def record_signal(self, app_id: int, prompt, response: str, signal: str, user_ref: str = "",
+                      idempotency_key: str | None = None) -> tuple[Signal, bool]:
+        """Store an interaction signal for (prompt, response), adding the item when it is new; return
+        ``(signal, created)`` like :meth:`record`."""
+        if signal not in SIGNALS:
+            raise StoreError(f"signal={signal!r}; expected one of {list(SIGNALS)}")
+        with self.sessions() as session:
+            if idempotency_key is not None:
+                stored = session.scalar(select(Signal).where(Signal.app_id == app_id,
+                                                             Signal.idempotency_key == idempotency_key))
+                if stored is not None:
+                    return stored, False
+            item_id = _item_for(session, prompt, response)
+            row = Signal(item_id=item_id, app_id=app_id, signal=signal, user_ref=user_ref,
+                         idempotency_key=idempotency_key)
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                return session.scalar(select(Signal).where(Signal.app_id == app_id,
+                                                           Signal.idempotency_key == idempotency_key)), False
+            return row, True
+
+    def ratings(self, after_id: int = 0) -> list[Rating]:
+        """Every judgement with an id above ``after_id``, oldest first."""
+        with self.sessions() as session:
+            return list(session.scalars(select(Rating).where(Rating.id > after_id).order_by(Rating.id)))
+
+    def signals(self) -> list[Signal]:
+        """Every interaction signal, oldest first."""
+        with self.sessions() as session:
+            return list(session.scalars(select(Signal).order_by(Signal.id)))
+
+    def count(self, table) -> int:
+        """The number of rows of ``Rating``, ``Signal``, ``Item`` or ``Rater``."""
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).select_from(table))
+
+
+def _item_row(item: NewItem) -> Item:
+    if item.kind not in ITEM_KINDS:
+        raise StoreError(f"item kind {item.kind!r}; expected one of {list(ITEM_KINDS)}")
+    return Item(kind=item.kind, prompt=json.dumps(item.prompt), response_a=item.response_a,
+                response_b=item.response_b, model_a=item.model_a, model_b=item.model_b,
+                sampling=None if item.sampling is None else json.dumps(item.sampling), gold=item.gold,
+                source=item.source[:500], content_hash=content_hash(item.prompt, item.response_a, item.response_b))
+
+
+def _item_for(session: Session, prompt, response: str) -> int:
+    """The id of the single-response item for (prompt, response), added if there is none."""
+    key = content_hash(prompt, response, None)
+    found = session.scalar(select(Item.id).where(Item.content_hash == key, Item.kind == "single").limit(1))
+    if found is not None:
+        return found
+    row = _item_row(NewItem(prompt, response, source="signal"))
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def _stored_rating(session: Session, rater_id: int, key: str) -> Rating | None:
+    return session.scalar(select(Rating).where(Rating.rater_id == rater_id, Rating.idempotency_key == key))
+
+
+def _same_request(stored: Rating, item_id: int, value, comment: str) -> Rating:
+    """The stored rating for a retried key, or a :class:`Conflict` when the key came with another request."""
+    if (stored.item_id, stored.value, stored.comment) != (item_id, value, comment):
+        raise Conflict(f"Idempotency-Key was already used for another judgement (item {stored.item_id}); "
+                       "send a new key for a new judgement")
+    return stored

@@ -1,0 +1,64 @@
+"""The FastAPI application: the JSON API, the pages, static files and the security headers around them."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from lm_gym.feedback import api, pages
+from lm_gym.feedback.auth import Settings
+from lm_gym.feedback.store import FeedbackStore
+
+MAX_BODY_BYTES = 1_000_000
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+STATIC_TYPES = {"rate.js": "text/javascript", "style.css": "text/css"}
+
+
+def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per_item: int = 3) -> FastAPI:
+    """The rating app over ``store``.
+
+    :param store: the feedback store.
+    :param admin_token: the admin secret (default: a fresh random one, in ``app.state.settings.admin_token``).
+    :param ratings_per_item: judgements wanted per item (>= 1) before it leaves the queue.
+    """
+    if ratings_per_item < 1:
+        raise ValueError(f"ratings_per_item must be >= 1, got {ratings_per_item}")
+    if admin_token is not None and len(admin_token) < 16:
+        raise ValueError("the admin token must be at least 16 characters")
+    app = FastAPI(title="lm-gym feedback", version="1", description="Rate and compare model responses; "
+                  "the ratings feed lm-gym's FeedbackReward, load_feedback and load_preferences.")
+    app.state.settings = Settings(store, admin_token or secrets.token_urlsafe(24), ratings_per_item)
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.middleware("http")(_guard)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        if name not in STATIC_TYPES:
+            return JSONResponse({"detail": f"no static file {name!r}"}, status_code=404)
+        return Response(pages.static_file(name), media_type=STATIC_TYPES[name],
+                        headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    def home():
+        return pages.render("error.html", 200, message="Open your personal invitation link to rate.")
+
+    return app
+
+
+async def _guard(request: Request, call_next):
+    """Refuse oversized bodies (413) and add the security headers to every answer."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse({"detail": f"request body of {length} bytes; the limit is {MAX_BODY_BYTES}"},
+                            status_code=413)
+    response = await call_next(request)
+    if not request.url.path.startswith("/docs"):  # Swagger UI loads its own scripts
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Frame-Options"] = "DENY"
+    return response
