@@ -14,6 +14,7 @@ import gymnasium as gym
 import torch
 
 import lm_gym
+from lm_gym.feedback.commands import add_feedback_commands
 from lm_gym.sampling import sample_tokens
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_rlhf(commands)
     _add_generate(commands)
     _add_eval(commands)
+    add_feedback_commands(commands)
     rollout = commands.add_parser("rollout", help="play a few episodes of LanguageModelEnv-v0 and print them")
     rollout.add_argument("--model", default="default", help="'default', 'tiny', a directory or a hub id")
     rollout.add_argument("--episodes", type=int, default=3)

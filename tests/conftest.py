@@ -10,6 +10,7 @@ os.environ.setdefault("LM_GYM_PRECISION", "fp32")
 
 import lm_gym  # noqa: E402
 from lm_gym import LanguageModelEnv  # noqa: E402
+from tests.feedback_fixtures import feedback_store, postgres_base, store_url  # noqa: E402,F401  (feedback databases)
 
 
 @pytest.fixture(scope="session")

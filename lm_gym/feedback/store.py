@@ -230,6 +230,7 @@ class FeedbackStore:
         :raises NotFound: no such item. :raises StoreError: the item is of the other kind.
         :raises Conflict: the rater already judged the item, or reused the key for another judgement.
         """
+        check_text("comment", comment)
         with self.sessions() as session:
             if idempotency_key is not None:
                 stored = _stored_rating(session, rater_id, idempotency_key)
@@ -266,6 +267,7 @@ class FeedbackStore:
         ``(signal, created)`` like :meth:`record`."""
         if signal not in SIGNALS:
             raise StoreError(f"signal={signal!r}; expected one of {list(SIGNALS)}")
+        check_text("user", user_ref)
         with self.sessions() as session:
             if idempotency_key is not None:
                 stored = session.scalar(select(Signal).where(Signal.app_id == app_id,
@@ -300,10 +302,21 @@ class FeedbackStore:
             return session.scalar(select(func.count()).select_from(table))
 
 
+def check_text(field: str, text: str | None) -> None:
+    """Refuse text the databases cannot hold: PostgreSQL stores no NUL character."""
+    if text is not None and "\x00" in text:
+        raise StoreError(f"{field} contains a NUL character (\\u0000), which the database cannot store; "
+                         "remove or replace it")
+
+
 def _item_row(item: NewItem) -> Item:
     if item.kind not in ITEM_KINDS:
         raise StoreError(f"item kind {item.kind!r}; expected one of {list(ITEM_KINDS)}")
-    return Item(kind=item.kind, prompt=json.dumps(item.prompt), response_a=item.response_a,
+    prompt = json.dumps(item.prompt)  # JSON escapes a NUL character, so any prompt is storable
+    for name, text in (("response_a", item.response_a), ("response_b", item.response_b),
+                       ("model_a", item.model_a), ("model_b", item.model_b)):
+        check_text(name, text)
+    return Item(kind=item.kind, prompt=prompt, response_a=item.response_a,
                 response_b=item.response_b, model_a=item.model_a, model_b=item.model_b,
                 sampling=None if item.sampling is None else json.dumps(item.sampling), gold=item.gold,
                 source=item.source[:500], content_hash=content_hash(item.prompt, item.response_a, item.response_b))
