@@ -17,7 +17,7 @@ def test_schema_version_is_recorded_and_a_newer_one_refused(store_url):
     store.close()
     again = FeedbackStore(store_url)  # reopening keeps the version and the form-signing secret
     assert again.schema_version() == SCHEMA_VERSION and again.secret == secret
-    with again.sessions.begin() as session:
+    with again.writes.begin() as session:
         session.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION + 1)))
     again.close()
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}; this lm-gym reads version"):

@@ -43,8 +43,9 @@ def settings_of(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def rater_from_bearer(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Rater:
-    """The rater whose token is in ``Authorization: Bearer``; 401 when it is missing or unknown."""
+async def rater_from_bearer(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Rater:
+    """The rater whose token is in ``Authorization: Bearer``; 401 when it is missing or unknown. (Async: the
+    store remembers tokens, so after a token's first use this needs no database and no worker thread.)"""
     if credentials is None:
         raise HTTPException(401, "missing rater token: send 'Authorization: Bearer <token>' (the token of your "
                                  "invitation link)", headers={"WWW-Authenticate": "Bearer"})
@@ -54,7 +55,7 @@ def rater_from_bearer(request: Request, credentials: HTTPAuthorizationCredential
     return rater
 
 
-def app_from_key(request: Request, key: str | None = Depends(api_key_header)) -> Rater:
+async def app_from_key(request: Request, key: str | None = Depends(api_key_header)) -> Rater:
     """The application whose API key is in ``X-API-Key``; 401 when it is missing or unknown."""
     if not key:
         raise HTTPException(401, "missing API key: send 'X-API-Key: <key>' (lm-gym feedback invite --app NAME)")
@@ -64,7 +65,7 @@ def app_from_key(request: Request, key: str | None = Depends(api_key_header)) ->
     return app
 
 
-def require_admin(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+async def require_admin(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
     """Pass when ``Authorization: Bearer`` holds the admin token; 401 otherwise."""
     if credentials is None or not is_admin_token(request, credentials.credentials):
         raise HTTPException(401, "this needs the admin token: send 'Authorization: Bearer <admin token>'",

@@ -79,9 +79,10 @@ def default_url(directory: str | Path) -> str:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``. SQLite gets WAL mode, a busy timeout, foreign keys and ``BEGIN IMMEDIATE``
-    transactions (a deferred transaction that reads and then writes fails at once under concurrent writers
-    instead of waiting for the lock)."""
+    """An engine for ``url``. SQLite gets WAL mode, a busy timeout and foreign keys, and opens transactions
+    itself: ``BEGIN IMMEDIATE`` on an engine with the execution option ``sqlite_begin="IMMEDIATE"`` (for
+    writers: a deferred transaction that reads and then writes fails at once under concurrent writers
+    instead of waiting for the lock), a plain deferred ``BEGIN`` otherwise (readers run alongside)."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
     engine = create_engine(url, pool_size=20, max_overflow=40, connect_args={"timeout": 30})
@@ -97,7 +98,7 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
 
     return engine
 
@@ -113,12 +114,15 @@ class FeedbackStore:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.writes = sessionmaker(self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False)
+        self._raters: dict[str, Rater] = {}  # token hash -> rater: tokens never change
+        self._item_kinds: dict[int, str] = {}
         self.secret = self._migrate()
 
     def _migrate(self) -> str:
         """Create missing tables, record the schema version and the form-signing secret; return the secret."""
         Base.metadata.create_all(self.engine)
-        with self.sessions.begin() as session:
+        with self.writes.begin() as session:
             version = session.get(Meta, "schema_version")
             if version is None:
                 session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
@@ -154,7 +158,7 @@ class FeedbackStore:
         if not name.strip() or len(name) > 200:
             raise StoreError(f"a rater's name must be 1 to 200 characters, got {len(name)}")
         token = secrets.token_urlsafe(24)
-        with self.sessions.begin() as session:
+        with self.writes.begin() as session:
             rater = Rater(name=name, role=role, token_hash=hash_token(token))
             session.add(rater)
             session.flush()
@@ -164,8 +168,13 @@ class FeedbackStore:
         """The rater (or application) whose token this is and whose role is ``role``; None otherwise."""
         if not token:
             return None
-        with self.sessions() as session:
-            rater = session.scalar(select(Rater).where(Rater.token_hash == hash_token(token)))
+        key = hash_token(token)
+        rater = self._raters.get(key)
+        if rater is None:
+            with self.sessions() as session:
+                rater = session.scalar(select(Rater).where(Rater.token_hash == key))
+            if rater is not None:
+                self._raters[key] = rater
         return rater if rater is not None and rater.role == role else None
 
     def raters(self) -> list[Rater]:
@@ -178,7 +187,7 @@ class FeedbackStore:
     def add_items(self, items: list[NewItem]) -> list[int]:
         """Store ``items`` in one transaction; return their ids."""
         rows = [_item_row(item) for item in items]
-        with self.sessions.begin() as session:
+        with self.writes.begin() as session:
             session.add_all(rows)
             session.flush()
             return [row.id for row in rows]
@@ -190,6 +199,13 @@ class FeedbackStore:
         if item is None:
             raise NotFound(f"no item with id {item_id}")
         return item
+
+    def _item_kind(self, item_id: int) -> str:
+        """The item's kind (remembered: items never change), or :class:`NotFound`."""
+        kind = self._item_kinds.get(item_id)
+        if kind is None:
+            kind = self._item_kinds[item_id] = self.item(item_id).kind
+        return kind
 
     def items(self) -> list[Item]:
         """Every item, oldest first."""
@@ -231,18 +247,12 @@ class FeedbackStore:
         :raises Conflict: the rater already judged the item, or reused the key for another judgement.
         """
         check_text("comment", comment)
-        with self.sessions() as session:
-            if idempotency_key is not None:
-                stored = _stored_rating(session, rater_id, idempotency_key)
-                if stored is not None:
-                    return _same_request(stored, item_id, value, comment), False
-            item = session.get(Item, item_id)
-            if item is None:
-                raise NotFound(f"no item with id {item_id}")
-            if kind != "skip" and item.kind != kind:
-                expected = "a rating (+1/-1)" if item.kind == "single" else "a comparison (a/b/tie)"
-                raise StoreError(f"item {item_id} holds {'one response' if item.kind == 'single' else 'two responses'}; "
-                                 f"it takes {expected}")
+        item_kind = self._item_kind(item_id)
+        if kind != "skip" and item_kind != kind:
+            expected = "a rating (+1/-1)" if item_kind == "single" else "a comparison (a/b/tie)"
+            raise StoreError(f"item {item_id} holds {'one response' if item_kind == 'single' else 'two responses'}; "
+                             f"it takes {expected}")
+        with self.writes() as session:  # insert first: a retry is rare, and the unique keys catch it
             rating = Rating(item_id=item_id, rater_id=rater_id, value=value, comment=comment, seconds=seconds,
                             idempotency_key=idempotency_key)
             session.add(rating)
@@ -268,7 +278,7 @@ class FeedbackStore:
         if signal not in SIGNALS:
             raise StoreError(f"signal={signal!r}; expected one of {list(SIGNALS)}")
         check_text("user", user_ref)
-        with self.sessions() as session:
+        with self.writes() as session:
             if idempotency_key is not None:
                 stored = session.scalar(select(Signal).where(Signal.app_id == app_id,
                                                              Signal.idempotency_key == idempotency_key))

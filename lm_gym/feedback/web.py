@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from lm_gym.feedback import api, pages
@@ -33,7 +33,7 @@ def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per
     app.state.settings = Settings(store, admin_token or secrets.token_urlsafe(24), ratings_per_item)
     app.include_router(api.router)
     app.include_router(pages.router)
-    app.middleware("http")(_guard)
+    app.add_middleware(Guard)
 
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str):
@@ -49,16 +49,32 @@ def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per
     return app
 
 
-async def _guard(request: Request, call_next):
-    """Refuse oversized bodies (413) and add the security headers to every answer."""
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        return JSONResponse({"detail": f"request body of {length} bytes; the limit is {MAX_BODY_BYTES}"},
-                            status_code=413)
-    response = await call_next(request)
-    if not request.url.path.startswith("/docs"):  # Swagger UI loads its own scripts
-        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["X-Frame-Options"] = "DENY"
-    return response
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY")]
+
+
+class Guard:
+    """ASGI middleware: refuse bodies over :data:`MAX_BODY_BYTES` (413, by their Content-Length) and add the
+    security headers to every answer (the Content-Security-Policy everywhere but Swagger UI's ``/docs``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            refusal = JSONResponse({"detail": f"request body of {length.decode(errors='replace')} bytes; the limit "
+                                              f"is {MAX_BODY_BYTES}"}, status_code=413)
+            return await refusal(scope, receive, send)
+        extra = SECURITY_HEADERS
+        if not scope["path"].startswith("/docs"):  # Swagger UI loads its own scripts
+            extra = extra + [(b"content-security-policy", CONTENT_SECURITY_POLICY.encode())]
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + extra
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

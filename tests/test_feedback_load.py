@@ -1,0 +1,31 @@
+"""Load and faults on each database: 50 concurrent clients post 5,000 ratings through the served API (every
+tenth request retried with its idempotency key), the server is killed (SIGKILL) and restarted half-way, and
+afterwards the database holds exactly the 5,000 ratings: every acknowledged one, none twice."""
+
+import asyncio
+
+from benchmarks.feedback_load import ADMIN, prepare, run_load
+from lm_gym.feedback.schema import Rating
+from lm_gym.feedback.store import FeedbackStore
+from tests.feedback_servers import AppServer
+
+CLIENTS, RATINGS = 50, 5000
+
+
+def test_no_rating_lost_or_doubled_across_a_server_kill(store_url):
+    store = FeedbackStore(store_url)
+    tokens, items = prepare(store, CLIENTS, RATINGS)
+    server = AppServer(store_url, ADMIN)
+    server.start()
+    try:
+        result = asyncio.run(run_load(server, tokens, items, kill_at=RATINGS // 2))
+    finally:
+        server.stop()
+    assert result.restarts == 1 and result.failures > 0  # the kill really cut requests off
+    rows = store.ratings()
+    assert len(rows) == RATINGS == len(result.acknowledged)
+    assert {r.idempotency_key for r in rows} == result.acknowledged
+    assert len({(r.rater_id, r.item_id) for r in rows}) == RATINGS
+    assert all(r.comment == r.idempotency_key for r in rows)  # each row holds its own request's text
+    assert store.count(Rating) == RATINGS
+    store.close()
