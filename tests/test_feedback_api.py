@@ -180,3 +180,15 @@ def test_admin_page_invites_with_csrf(app_setup):
     link = re.search(r'id="invite-link">([^<]+)<', invited.text).group(1)
     assert [r.name for r in store.raters()][-1] == "carol"
     assert store.authenticate(link.rsplit("/", 1)[1], "rater").name == "carol"
+
+
+def test_oversized_bodies_and_out_of_range_ids_are_refused(app_setup):
+    client, store, ids = app_setup
+    huge = client.post("/api/ratings", content=b"x" * 1_000_001, headers={**bearer(ids["ann"]),
+                       "Content-Type": "application/json"})
+    assert huge.status_code == 413 and "the limit is 1000000" in huge.text
+    big_id = client.post("/api/ratings", json={"item_id": 2**31, "value": 1}, headers=bearer(ids["ann"]))
+    assert big_id.status_code == 422 and "less than or equal to 2147483647" in big_id.text
+    sign_in(client, ids["ann"])
+    assert client.post(f"/rate/{2**31}", data={"choice": "good", "csrf": "x", "shown": "y"}).status_code == 422
+    assert store.count(Rating) == 0

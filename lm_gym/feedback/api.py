@@ -17,6 +17,7 @@ from lm_gym.feedback.store import StoreError
 
 MAX_COMMENT = 2000
 MAX_TEXT = 100_000
+MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns on PostgreSQL
 IdempotencyKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=200,
                         description="a client-chosen key; a retry with the same key is stored once")
 
@@ -33,7 +34,7 @@ class Message(Strict):
 
 
 class RatingIn(Strict):
-    item_id: int = Field(ge=1, le=2**62, description="the item rated")
+    item_id: int = Field(ge=1, le=MAX_ID, description="the item rated")
     value: Literal[1, -1] = Field(description="+1 good, -1 bad")
     comment: str = Field("", max_length=MAX_COMMENT)
     seconds: float | None = Field(None, ge=0, le=86_400, description="time the rater spent on the item")
@@ -47,14 +48,14 @@ class RatingIn(Strict):
 
 
 class ComparisonIn(Strict):
-    item_id: int = Field(ge=1, le=2**62, description="the pair compared")
+    item_id: int = Field(ge=1, le=MAX_ID, description="the pair compared")
     choice: Literal["a", "b", "tie"] = Field(description="which response is better")
     comment: str = Field("", max_length=MAX_COMMENT)
     seconds: float | None = Field(None, ge=0, le=86_400)
 
 
 class SkipIn(Strict):
-    item_id: int = Field(ge=1, le=2**62)
+    item_id: int = Field(ge=1, le=MAX_ID)
 
 
 class SignalIn(Strict):

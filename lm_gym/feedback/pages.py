@@ -11,11 +11,11 @@ import json
 from importlib import resources
 
 import jinja2
-from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from lm_gym.data.feedback import chat_prompt
-from lm_gym.feedback.api import CHOICES, MAX_COMMENT
+from lm_gym.feedback.api import CHOICES, MAX_COMMENT, MAX_ID
 from lm_gym.feedback.auth import (
     ADMIN_COOKIE, RATER_COOKIE, check_form_token, form_token, is_admin_token, rater_from_cookie, seconds_since,
     settings_of, shown_stamp,
@@ -72,7 +72,7 @@ def rate_page(request: Request):
 
 
 @router.post("/rate/{item_id}")
-def rate_submit(item_id: int, request: Request, choice: str = Form(...), csrf: str = Form(...),
+def rate_submit(request: Request, item_id: int = Path(ge=1, le=MAX_ID), choice: str = Form(...), csrf: str = Form(...),
                 shown: str = Form(...), comment: str = Form("", max_length=MAX_COMMENT)):
     rater = rater_from_cookie(request)
     if rater is None:
