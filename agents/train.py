@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     precision: str | None = None
+    feedback_db: str | None = None
 
     HELP: ClassVar[dict[str, str]] = {  # one line of meaning per field: the flags' --help
         "model": "the policy and reference LM: 'default' (SmolLM2-135M-Instruct), 'tiny', a directory or a hub id",
@@ -91,6 +92,8 @@ class TrainConfig:
         "device": "where the LMs run, e.g. 'cpu' or 'cuda' (default: CUDA when available)",
         "precision": "'auto' (bf16 where the hardware runs it fast), 'bf16' or 'fp32'; config.toml records the "
                      "choice and why (default: $LM_GYM_PRECISION, else 'auto')",
+        "feedback_db": "a feedback store URL (lm-gym feedback serve --db): r_f reads its ratings as they arrive "
+                       "instead of the shipped feedback set",
     }
 
     @classmethod
@@ -139,12 +142,14 @@ class Task:
 def default_task(config: TrainConfig) -> Task:
     """The configured prompts (default: the shipped set) with the default blend r = α·r_f + (1-α)·fluency."""
     train_prompts, eval_prompts = split_prompts(config)
-    return Task(train_prompts, eval_prompts, lambda: default_blend(config.alpha))
+    return Task(train_prompts, eval_prompts, lambda: default_blend(config.alpha, config.feedback_db))
 
 
-def default_blend(alpha: float) -> BlendedReward:
-    """r = α·r_f (shipped feedback set) + (1-α)·fluency under the reference LM."""
-    return BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=alpha)
+def default_blend(alpha: float, feedback_db: str | None = None) -> BlendedReward:
+    """r = α·r_f + (1-α)·fluency under the reference LM; r_f over the shipped feedback set, or over the live
+    store at ``feedback_db`` (:meth:`FeedbackReward.from_store`)."""
+    feedback = FeedbackReward("default") if feedback_db is None else FeedbackReward.from_store(feedback_db)
+    return BlendedReward(feedback, FluencyReward(), alpha=alpha)
 
 
 def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, training: bool,
@@ -154,7 +159,7 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
     The training env does not score tokens as they are taken (LMPPO scores the reference in one forward per
     episode instead, which is cheaper); the evaluation env does, for the KL it reports.
     """
-    reward = reward if reward is not None else default_blend(config.alpha)
+    reward = reward if reward is not None else default_blend(config.alpha, config.feedback_db)
     return SB3VecEnv(
         num_envs, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward,
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,

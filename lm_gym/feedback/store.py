@@ -207,10 +207,13 @@ class FeedbackStore:
             kind = self._item_kinds[item_id] = self.item(item_id).kind
         return kind
 
-    def items(self) -> list[Item]:
-        """Every item, oldest first."""
+    def items(self, ids=None) -> list[Item]:
+        """Every item (or those with the given ``ids``), oldest first."""
+        query = select(Item).order_by(Item.id)
+        if ids is not None:
+            query = query.where(Item.id.in_(list(ids)))
         with self.sessions() as session:
-            return list(session.scalars(select(Item).order_by(Item.id)))
+            return list(session.scalars(query))
 
     def next_item(self, rater_id: int, ratings_per_item: int) -> Item | None:
         """The next item for this rater: one they have not judged (or skipped), among those with fewer than
@@ -301,10 +304,10 @@ class FeedbackStore:
         with self.sessions() as session:
             return list(session.scalars(select(Rating).where(Rating.id > after_id).order_by(Rating.id)))
 
-    def signals(self) -> list[Signal]:
-        """Every interaction signal, oldest first."""
+    def signals(self, after_id: int = 0) -> list[Signal]:
+        """Every interaction signal with an id above ``after_id``, oldest first."""
         with self.sessions() as session:
-            return list(session.scalars(select(Signal).order_by(Signal.id)))
+            return list(session.scalars(select(Signal).where(Signal.id > after_id).order_by(Signal.id)))
 
     def count(self, table) -> int:
         """The number of rows of ``Rating``, ``Signal``, ``Item`` or ``Rater``."""

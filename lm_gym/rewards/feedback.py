@@ -53,6 +53,22 @@ class FeedbackReward(Reward):
         self.feedback = list(feedback)
         if not self.feedback:
             raise ValueError("FeedbackReward needs at least one feedback example")
+        self._configure(encoder, top_m, context_threshold, similarity, index, cache)
+
+    @classmethod
+    def from_store(cls, url: str, **settings) -> "FeedbackReward":
+        """A FeedbackReward over a live feedback store (``lm-gym feedback serve``) that takes in new ratings
+        as they arrive: see :class:`lm_gym.feedback.live.StoreFeedbackReward` (needs ``lm-gym[feedback]``).
+
+        :param url: the store's SQLAlchemy URL.
+        :param settings: keywords of :class:`~lm_gym.feedback.live.StoreFeedbackReward`.
+        """
+        from lm_gym.feedback.live import StoreFeedbackReward
+
+        return StoreFeedbackReward(url, **settings)
+
+    def _configure(self, encoder, top_m, context_threshold, similarity, index, cache) -> None:
+        """Check and keep the scoring settings (the live-store subclass shares them)."""
         if top_m < 1 or not -1.0 <= context_threshold <= 1.0:
             raise ValueError(f"top_m must be >= 1 and context_threshold in [-1, 1], got {top_m}, {context_threshold}")
         if not (callable(similarity) or similarity in ("cosine", "l2")):
