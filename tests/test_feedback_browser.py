@@ -93,3 +93,18 @@ def test_without_an_invitation_nothing_is_shown(served, page):
     page.goto(f"{server.url}/r/forged-token")
     assert "not valid" in page.inner_text("#message")
     assert store.ratings() == []
+
+
+def test_admin_link_printed_by_serve_invites_a_rater(served, page):
+    server, store, _, _, _ = served
+    printed = [server.process.stdout.readline() for _ in range(3)]
+    assert printed[0].startswith(f"lm-gym feedback on {server.url} (database sqlite:///")
+    admin_link = printed[1].split("admin: ", 1)[1].strip()
+    assert admin_link == f"{server.url}/a/{ADMIN}"
+    page.goto(admin_link)
+    page.fill("input[name=name]", "bea")
+    page.click("text=Invite")
+    link = page.inner_text("#invite-link")
+    page.goto(link)
+    assert "bea" in page.inner_text("header") and "0 done · 3 left" in page.inner_text("#progress")
+    assert store.authenticate(link.rsplit("/", 1)[1], "rater").name == "bea"

@@ -7,7 +7,7 @@ import pytest
 
 from agents.cli import main
 from lm_gym.data import chat_prompt, load_feedback, load_preferences
-from lm_gym.feedback.export import ExportFilters, export, feedback_rows, preference_rows, prompt_for_export
+from lm_gym.feedback.export import ExportFilters, export, feedback_rows, prompt_for_export
 from lm_gym.feedback.store import FeedbackStore, NewItem
 
 

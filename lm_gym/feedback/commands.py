@@ -65,7 +65,7 @@ def run_serve(args) -> int:
     print(f"lm-gym feedback on {base} (database {store.engine.url.render_as_string(hide_password=True)}, "
           f"schema version {store.schema_version()})")
     print(f"admin: {base}/a/{token}")
-    print(f"API schema: {base}/openapi.json")
+    print(f"API schema: {base}/openapi.json", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
