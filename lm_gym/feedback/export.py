@@ -105,7 +105,7 @@ def item_votes(store: FeedbackStore, filters: ExportFilters, report: ExportRepor
     for reason, raters in dropped_raters.items():
         report.drop(f"judgements by raters {reason} (raters {', '.join(map(str, sorted(raters)))})",
                     sum(rater in raters for _, rater, _ in rows))
-    excluded = set().union(*dropped_raters.values()) if dropped_raters else set()
+    excluded = set().union(*dropped_raters.values())
     for item, rater, value in rows:
         if rater not in excluded:
             votes.setdefault(item, []).append(value)
@@ -128,7 +128,7 @@ def _filtered_raters(store: FeedbackStore, rows, filters: ExportFilters) -> dict
     if filters.min_gold_accuracy is not None:
         gold = {item.id: item.gold for item in store.items() if item.gold is not None}
         low = {r for r, a in gold_accuracy(rows, gold).items() if a is not None and a < filters.min_gold_accuracy}
-        low -= set().union(*dropped.values()) if dropped else set()
+        low -= set().union(*dropped.values())
         if low:
             dropped[f"below gold accuracy {filters.min_gold_accuracy}"] = low
     return dropped

@@ -218,25 +218,16 @@ class FeedbackStore:
     def next_item(self, rater_id: int, ratings_per_item: int) -> Item | None:
         """The next item for this rater: one they have not judged (or skipped), among those with fewer than
         ``ratings_per_item`` judgements, the least judged first (then the oldest); None when none is left."""
-        judged = select(Rating.item_id).where(Rating.rater_id == rater_id)
-        counts = (select(Rating.item_id, func.count(Rating.id).label("n")).where(Rating.value.is_not(None))
-                  .group_by(Rating.item_id).subquery())
-        n = func.coalesce(counts.c.n, 0)
-        query = (select(Item).outerjoin(counts, counts.c.item_id == Item.id)
-                 .where(Item.id.not_in(judged), n < ratings_per_item).order_by(n, Item.id).limit(1))
+        query, judgements = _open_items(select(Item), rater_id, ratings_per_item)
         with self.sessions() as session:
-            return session.scalar(query)
+            return session.scalar(query.order_by(judgements, Item.id).limit(1))
 
     def progress(self, rater_id: int, ratings_per_item: int) -> tuple[int, int]:
         """(items this rater has judged or skipped, items still open to them)."""
+        left, _ = _open_items(select(func.count(Item.id)), rater_id, ratings_per_item)
         with self.sessions() as session:
             done = session.scalar(select(func.count(Rating.id)).where(Rating.rater_id == rater_id))
-            counts = (select(Rating.item_id, func.count(Rating.id).label("n")).where(Rating.value.is_not(None))
-                      .group_by(Rating.item_id).subquery())
-            judged = select(Rating.item_id).where(Rating.rater_id == rater_id)
-            left = session.scalar(select(func.count(Item.id)).outerjoin(counts, counts.c.item_id == Item.id)
-                                  .where(Item.id.not_in(judged), func.coalesce(counts.c.n, 0) < ratings_per_item))
-        return done, left
+            return done, session.scalar(left)
 
     # ratings and signals
 
@@ -320,6 +311,18 @@ def check_text(field: str, text: str | None) -> None:
     if text is not None and "\x00" in text:
         raise StoreError(f"{field} contains a NUL character (\\u0000), which the database cannot store; "
                          "remove or replace it")
+
+
+def _open_items(query, rater_id: int, ratings_per_item: int):
+    """``query`` over the items open to a rater (not judged or skipped by them, fewer than
+    ``ratings_per_item`` judgements), and the column of each item's judgement count."""
+    counts = (select(Rating.item_id, func.count(Rating.id).label("n")).where(Rating.value.is_not(None))
+              .group_by(Rating.item_id).subquery())
+    judgements = func.coalesce(counts.c.n, 0)
+    judged = select(Rating.item_id).where(Rating.rater_id == rater_id)
+    open_items = (query.select_from(Item).outerjoin(counts, counts.c.item_id == Item.id)
+                  .where(Item.id.not_in(judged), judgements < ratings_per_item))
+    return open_items, judgements
 
 
 def _item_row(item: NewItem) -> Item:
