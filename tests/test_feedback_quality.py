@@ -56,3 +56,5 @@ def test_stats_count_raters_items_and_time(feedback_store):
     assert by_name["ann"]["median_seconds"] == 4.0 and by_name["ann"]["gold_accuracy"] == 1.0
     assert (by_name["bob"]["judgements"], by_name["bob"]["skips"], by_name["bob"]["gold_accuracy"]) == (1, 1, 0.0)
     assert stats["judgements_per_item"] == {1: 1, 2: 1} and stats["agreement"]["items"] == 1
+    assert [(i["id"], i["judgements"], i["skips"], i["gold"]) for i in stats["per_item"]] == [
+        (ids[0], 2, 0, 1.0), (ids[1], 1, 1, None)]

@@ -125,18 +125,24 @@ def feedback_stats(store: FeedbackStore) -> dict:
     agreement, accuracy = rater_agreement(rows), gold_accuracy(rows, gold)
     alpha, shared = krippendorff_alpha(rows)
     per_item = Counter(item for item, _, _ in rows)
+    skips = Counter(r.item_id for r in ratings if r.value is None)
+    by_rater = defaultdict(list)
+    for rating in ratings:
+        by_rater[rating.rater_id].append(rating)
     return {
         "n_items": len(items), "n_ratings": len(ratings), "n_signals": store.count(Signal),
-        "raters": [_rater_row(rater, ratings, agreement, accuracy) for rater in store.raters() if rater.role == "rater"],
+        "raters": [_rater_row(rater, by_rater[rater.id], agreement, accuracy) for rater in store.raters()
+                   if rater.role == "rater"],
         "agreement": {"alpha": alpha, "items": shared},
         "judgements_per_item": dict(sorted(Counter(per_item.get(item.id, 0) for item in items).items())),
+        "per_item": [{"id": item.id, "kind": item.kind, "judgements": per_item.get(item.id, 0),
+                      "skips": skips.get(item.id, 0), "gold": item.gold} for item in items],
         "gold_items": len(gold),
         "arena": {"models": arena_scores(rows, items)},
     }
 
 
-def _rater_row(rater, ratings: list[Rating], agreement: dict, accuracy: dict) -> dict:
-    own = [r for r in ratings if r.rater_id == rater.id]
+def _rater_row(rater, own: list[Rating], agreement: dict, accuracy: dict) -> dict:
     seconds = [r.seconds for r in own if r.seconds is not None and r.value is not None]
     return {"id": rater.id, "name": rater.name, "judgements": sum(r.value is not None for r in own),
             "skips": sum(r.value is None for r in own), "agreement": agreement.get(rater.id),
