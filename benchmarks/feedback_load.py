@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from benchmarks.machine import describe_machine
 from lm_gym.feedback.schema import Rating
@@ -49,29 +49,36 @@ def prepare(store: FeedbackStore, clients: int, ratings: int) -> tuple[list[str]
     return [store.invite(f"client {c}")[1] for c in range(clients)], items
 
 
-async def _post_until_acknowledged(http: httpx.AsyncClient, token: str, key: str, item: int, result: LoadResult,
-                                   copies: int) -> None:
+async def _post(http: aiohttp.ClientSession, body: dict, headers: dict) -> tuple[int | None, str]:
+    """(status, text) of one POST, or (None, error) when the connection fails."""
+    try:
+        async with http.post("/api/ratings", json=body, headers=headers) as answer:
+            return answer.status, await answer.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+        return None, repr(err)
+
+
+async def _post_until_acknowledged(http: aiohttp.ClientSession, token: str, key: str, item: int,
+                                   result: LoadResult, copies: int) -> None:
     body = {"item_id": item, "value": 1 if item % 2 else -1, "comment": key}
     headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key}
     acknowledged = 0
     while acknowledged < copies:
         result.requests += 1
-        try:
-            answer = await http.post("/api/ratings", json=body, headers=headers)
-        except httpx.TransportError:
-            answer = None
-        if answer is not None and answer.status_code in (200, 201):
+        status, text = await _post(http, body, headers)
+        if status in (200, 201):
             acknowledged += 1
             result.acknowledged.add(key)
             continue
-        if answer is not None and answer.status_code < 500:
-            raise AssertionError(f"rating {key} refused: {answer.status_code} {answer.text}")
+        if status is not None and status < 500:
+            raise AssertionError(f"rating {key} refused: {status} {text}")
         result.failures += 1
         await asyncio.sleep(0.05)
 
 
 async def _client(base_url: str, token: str, number: int, items: list[int], result: LoadResult) -> None:
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(base_url=base_url, timeout=timeout) as http:
         for i, item in enumerate(items):
             copies = 2 if i % 10 == 0 else 1
             await _post_until_acknowledged(http, token, f"c{number}-i{item}", item, result, copies)

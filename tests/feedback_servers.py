@@ -9,6 +9,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -75,8 +76,9 @@ class AppServer:
     """``lm-gym feedback serve`` in a subprocess on a free port; ``kill()`` it with SIGKILL and ``start()``
     it again on the same port and database."""
 
-    def __init__(self, db_url: str, admin_token: str, ratings_per_item: int = 3):
+    def __init__(self, db_url: str, admin_token: str, ratings_per_item: int = 3, workers: int = 1):
         self.db_url, self.admin_token, self.ratings_per_item = db_url, admin_token, ratings_per_item
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
@@ -85,8 +87,9 @@ class AppServer:
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agents.cli", "feedback", "serve", "--db", self.db_url, "--port", str(self.port),
-             "--admin-token", self.admin_token, "--ratings-per-item", str(self.ratings_per_item)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "--admin-token", self.admin_token, "--ratings-per-item", str(self.ratings_per_item),
+             "--workers", str(self.workers)],
+            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -98,12 +101,13 @@ class AppServer:
         raise RuntimeError(f"the server did not answer within {timeout} s")
 
     def kill(self) -> None:
-        self.process.kill()
+        """SIGKILL the server and its worker processes (its own process group)."""
+        os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:

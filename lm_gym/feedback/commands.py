@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 
 from lm_gym.models import cache_dir
@@ -49,24 +50,34 @@ def _add_serve(group, database) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--ratings-per-item", type=int, default=3, help="judgements wanted per item (default 3)")
     serve.add_argument("--admin-token", help="the admin secret (default: a new random one each start)")
+    serve.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     serve.set_defaults(handler=run_serve)
 
 
 def run_serve(args) -> int:
-    """Start the app with uvicorn; print its address and the admin link."""
+    """Start the app with uvicorn (``--workers`` processes); print its address and the admin link."""
     import uvicorn
 
-    from lm_gym.feedback.web import create_app
+    from lm_gym.feedback.web import ENVIRONMENT, create_app
 
-    store = open_store(args)
+    if args.workers < 1 or args.ratings_per_item < 1:
+        raise ValueError("--workers and --ratings-per-item must be >= 1")
+    store = open_store(args)  # creates or checks the schema once, before any worker starts
     token = args.admin_token or secrets.token_urlsafe(24)
-    app = create_app(store, token, args.ratings_per_item)
     base = f"http://{args.host}:{args.port}"
     print(f"lm-gym feedback on {base} (database {store.engine.url.render_as_string(hide_password=True)}, "
-          f"schema version {store.schema_version()})")
+          f"schema version {store.schema_version()}, {args.workers} worker(s))")
     print(f"admin: {base}/a/{token}")
     print(f"API schema: {base}/openapi.json", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    if args.workers == 1:
+        uvicorn.run(create_app(store, token, args.ratings_per_item), host=args.host, port=args.port,
+                    log_level="warning")
+        return 0
+    url = store.engine.url.render_as_string(hide_password=False)
+    store.close()
+    os.environ.update(zip(ENVIRONMENT, (url, token, str(args.ratings_per_item))))
+    uvicorn.run("lm_gym.feedback.web:app_from_environment", factory=True, workers=args.workers, host=args.host,
+                port=args.port, log_level="warning")
     return 0
 
 

@@ -84,8 +84,8 @@ def make_engine(url: str) -> Engine:
     writers: a deferred transaction that reads and then writes fails at once under concurrent writers
     instead of waiting for the lock), a plain deferred ``BEGIN`` otherwise (readers run alongside)."""
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
-    engine = create_engine(url, pool_size=20, max_overflow=40, connect_args={"timeout": 30})
+        return create_engine(url, pool_size=8, max_overflow=0, pool_recycle=3600)
+    engine = create_engine(url, pool_size=4, max_overflow=0, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection, _record):

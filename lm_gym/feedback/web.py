@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 
 from fastapi import FastAPI
@@ -47,6 +48,19 @@ def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per
         return pages.render("error.html", 200, message="Open your personal invitation link to rate.")
 
     return app
+
+
+ENVIRONMENT = ("LM_GYM_FEEDBACK_DB", "LM_GYM_FEEDBACK_ADMIN_TOKEN", "LM_GYM_FEEDBACK_RATINGS_PER_ITEM")
+
+
+def app_from_environment() -> FastAPI:
+    """The app configured by the environment variables :data:`ENVIRONMENT` (database URL, admin token,
+    ratings per item): the factory each uvicorn worker process calls under ``serve --workers N``."""
+    missing = [name for name in ENVIRONMENT if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(f"app_from_environment needs the environment variables {missing}")
+    db, token, per_item = (os.environ[name] for name in ENVIRONMENT)
+    return create_app(FeedbackStore(db), token, int(per_item))
 
 
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
