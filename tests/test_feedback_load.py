@@ -29,3 +29,17 @@ def test_no_rating_lost_or_doubled_across_a_server_kill(store_url):
     assert all(r.comment == r.idempotency_key for r in rows)  # each row holds its own request's text
     assert store.count(Rating) == RATINGS
     store.close()
+
+
+def test_several_worker_processes_share_one_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    store = FeedbackStore(url)
+    tokens, items = prepare(store, 4, 40)
+    server = AppServer(url, ADMIN, workers=2)
+    server.start()
+    try:
+        result = asyncio.run(run_load(server, tokens, items))
+    finally:
+        server.stop()
+    assert len(result.acknowledged) == 40 == store.count(Rating)
+    assert {r.idempotency_key for r in store.ratings()} == result.acknowledged
