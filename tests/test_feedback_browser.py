@@ -56,12 +56,13 @@ def page():
         browser.close()
 
 
-def test_rate_by_click_and_keyboard_and_compare(served, page):
+def test_rate_by_click_and_keyboard_and_compare(served, page, tmp_path):
     server, store, ids, rater, token = served
     page.goto(f"{server.url}/r/{token}")
     assert page.url == f"{server.url}/rate"
     assert page.locator(".turn").count() == 3 and "0 done · 3 left" in page.inner_text("#progress")
-    page.screenshot(path=os.environ.get("FEEDBACK_SCREENSHOT") or "/dev/null", full_page=True)
+    shot = page.screenshot(path=os.environ.get("FEEDBACK_SCREENSHOT") or tmp_path / "rating.png", full_page=True)
+    assert shot.startswith(b"\x89PNG")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # reads on a phone: no sideways scroll
     page.fill("#comment", "friendly")
     page.click("button[value=good]")
@@ -103,7 +104,7 @@ def test_admin_link_printed_by_serve_invites_a_rater(served, page):
     assert admin_link == f"{server.url}/a/{ADMIN}"
     page.goto(admin_link)
     page.fill("input[name=name]", "bea")
-    page.click("text=Invite")
+    page.click("form.inline button")
     link = page.inner_text("#invite-link")
     page.goto(link)
     assert "bea" in page.inner_text("header") and "0 done · 3 left" in page.inner_text("#progress")

@@ -28,14 +28,15 @@ class StoreFeedbackReward(FeedbackReward):
     ``poll_seconds`` late). While nothing is rated the reward is 0.
 
     :param url: the store's SQLAlchemy URL.
-    :param poll_seconds: least time between refreshes while scoring (0: before every call).
+    :param poll_seconds: least time between refreshes while scoring (default 0: before every call; a refresh
+        that finds nothing new costs two small queries).
     :param encoder: as for :class:`FeedbackReward` (``"default"``, ``"lm"`` or an encoder object).
     :param top_m: as for :class:`FeedbackReward`.
     :param context_threshold: as for :class:`FeedbackReward`.
     :param similarity: as for :class:`FeedbackReward`.
     """
 
-    def __init__(self, url: str, poll_seconds: float = 1.0, encoder="default", top_m: int = 8,
+    def __init__(self, url: str, poll_seconds: float = 0.0, encoder="default", top_m: int = 8,
                  context_threshold: float = 0.2, similarity="cosine"):
         if poll_seconds < 0:
             raise ValueError(f"poll_seconds must be >= 0, got {poll_seconds}")
