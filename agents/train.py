@@ -91,7 +91,7 @@ class TrainConfig:
         "seed": "seed of prompts, sampling and updates (the run is deterministic on one machine)",
         "device": "where the LMs run, e.g. 'cpu' or 'cuda' (default: CUDA when available)",
         "precision": "'auto' (bf16 where the hardware runs it fast), 'bf16' or 'fp32'; config.toml records the "
-                     "choice and why (default: $LM_GYM_PRECISION, else 'auto')",
+                     "choice and why",
         "feedback_db": "a feedback store URL (lm-gym feedback serve --db): r_f reads its ratings as they arrive "
                        "instead of the shipped feedback set",
     }

@@ -81,3 +81,12 @@ def test_sample_callback_writes_responses_for_fixed_prompts(tmp_path, tiny):
     assert text.count("## after") == 2 and text.count("**Name a colour.**") == 2
     with pytest.raises(ValueError, match="one per row"):
         SampleResponsesCallback(sample_env, prompts[:1], tmp_path / "x.md")
+
+
+def test_config_toml_records_what_auto_picked_and_why(tmp_path):
+    config, precision = TrainConfig(precision="auto").resolved()
+    assert config.precision in ("bf16", "fp32") and precision.reason.startswith("auto: ")
+    text = config.to_toml({"precision": precision.reason})
+    assert f'precision = "{config.precision}"  # auto: ' in text
+    (tmp_path / "config.toml").write_text(text)
+    assert TrainConfig.from_toml(tmp_path / "config.toml") == config  # the comment reads back as the choice
