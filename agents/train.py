@@ -65,7 +65,7 @@ class TrainConfig:
     eval_samples: int = 4
     seed: int = 0
     device: str | None = None
-    precision: str | None = None
+    precision: str = "fp32"  # until bf16 learns the main job as well (issue 13); "auto" picks bf16 where fast
     feedback_db: str | None = None
 
     HELP: ClassVar[dict[str, str]] = {  # one line of meaning per field: the flags' --help
