@@ -274,8 +274,7 @@ class FeedbackStore:
         check_text("user", user_ref)
         with self.writes() as session:
             if idempotency_key is not None:
-                stored = session.scalar(select(Signal).where(Signal.app_id == app_id,
-                                                             Signal.idempotency_key == idempotency_key))
+                stored = _stored_signal(session, app_id, idempotency_key)
                 if stored is not None:
                     return stored, False
             item_id = _item_for(session, prompt, response)
@@ -286,8 +285,7 @@ class FeedbackStore:
                 session.commit()
             except IntegrityError:
                 session.rollback()
-                return session.scalar(select(Signal).where(Signal.app_id == app_id,
-                                                           Signal.idempotency_key == idempotency_key)), False
+                return _stored_signal(session, app_id, idempotency_key), False
             return row, True
 
     def ratings(self, after_id: int = 0) -> list[Rating]:
@@ -352,6 +350,10 @@ def _item_for(session: Session, prompt, response: str) -> int:
 
 def _stored_rating(session: Session, rater_id: int, key: str) -> Rating | None:
     return session.scalar(select(Rating).where(Rating.rater_id == rater_id, Rating.idempotency_key == key))
+
+
+def _stored_signal(session: Session, app_id: int, key: str) -> Signal | None:
+    return session.scalar(select(Signal).where(Signal.app_id == app_id, Signal.idempotency_key == key))
 
 
 def _same_request(stored: Rating, item_id: int, value, comment: str) -> Rating:
