@@ -139,13 +139,13 @@ class TransformerActorCritic(nn.Module):
         if torch.is_grad_enabled():
             logits, value, _ = self.evaluate(ids, mask)
             return logits[:, -1], value[:, -1]
-        with self.precision.autocast(ids.device):
-            merge = self.precision.reduced  # bf16 already differs from training; see agents.rollout_cache
-            logits, hidden = cache.latest(self.lm, self.tokenizer.pad_token_id, ids, mask, merge)
+        dtype = self.precision.dtype if self.precision.reduced else None  # bf16: a copy (agents.rollout_cache)
+        with autocast_off(ids.device):
+            logits, hidden = cache.latest(self.lm, self.tokenizer.pad_token_id, ids, mask, dtype)
             if self.value_backbone is not None:
                 if not values:
                     return logits / self.temperature, None
-                hidden = cache.latest(self.value_backbone, self.tokenizer.pad_token_id, ids, mask, merge)[1]
+                hidden = cache.latest(self.value_backbone, self.tokenizer.pad_token_id, ids, mask, dtype)[1]
         return logits / self.temperature, self.values_of(hidden)
 
     def evaluate(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 1, actor: bool = True,

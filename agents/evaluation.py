@@ -8,7 +8,6 @@ import torch
 from agents.actor_critic import token_batch
 from agents.ppo import LMPPO
 from agents.rollout_cache import RolloutCache
-from lm_gym.precision import autocast_off
 from lm_gym.sampling import sample_tokens
 from lm_gym.sb3 import SB3VecEnv
 
@@ -29,19 +28,17 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
     done, cache = np.zeros(env.num_envs, dtype=bool), RolloutCache()
     rewards, kl, infos = np.zeros(env.num_envs), np.zeros(env.num_envs), [None] * env.num_envs
     stopped = np.zeros(env.num_envs, dtype=bool)
-    with agent.actor_critic.precision.autocast(agent.device):  # the weights are cast once for all steps
-        while not done.all():
-            ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], agent.device)
-            logits, _ = agent.actor_critic.act(ids, mask, cache, values=False)
-            actions, logprobs = sample_tokens(logits)
-            logprobs = logprobs.cpu().numpy()
-            with autocast_off(agent.device):  # the env and its reward compute in their own precision
-                obs, step_rewards, dones, step_infos = env.step(actions.cpu().numpy())
-            for row in np.flatnonzero(~done):
-                kl[row] += logprobs[row] - step_infos[row]["ref_logprob"]
-                if dones[row]:
-                    rewards[row], infos[row], done[row] = step_rewards[row], step_infos[row], True
-                    stopped[row] = not step_infos[row].get("TimeLimit.truncated", False)
+    while not done.all():
+        ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], agent.device)
+        logits, _ = agent.actor_critic.act(ids, mask, cache, values=False)
+        actions, logprobs = sample_tokens(logits)
+        logprobs = logprobs.cpu().numpy()
+        obs, step_rewards, dones, step_infos = env.step(actions.cpu().numpy())
+        for row in np.flatnonzero(~done):
+            kl[row] += logprobs[row] - step_infos[row]["ref_logprob"]
+            if dones[row]:
+                rewards[row], infos[row], done[row] = step_rewards[row], step_infos[row], True
+                stopped[row] = not step_infos[row].get("TimeLimit.truncated", False)
     components = {name: np.array([info["reward_components"][name] for info in infos])
                   for name in infos[0]["reward_components"]}
     return {

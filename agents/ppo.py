@@ -66,15 +66,16 @@ class LMPPO(PPO):
     :param watchdog_kl: warn (a sign of collapse) when the mean KL per segment exceeds this many nats, or
         when the mean response length leaves [0.5x, 2x] of the first rollout's.
     :param precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` for the policy (its ``policy_kwargs["precision"]``,
-        see :mod:`lm_gym.precision`): rollouts and updates run under bf16 autocast on float32 master weights
-        and optimizer states; log-probs, KL, advantages, value targets and losses are float32 in every
-        precision. Default: the policy's (``$LM_GYM_PRECISION``, else ``"auto"``).
-    :param recompute_logprobs: before the first epoch, replace the rollout's log-probs and values with those
-        of the training forward (one forward per segment, no gradients), so that PPO's ratio starts at
-        exactly 1. In bf16 the rollout's incremental decode and the training forward round differently
-        (mean |Δ log p| about 0.03 on the default model, ratios from 0.8 to 1.3 before any update:
-        ``benchmarks/precision_ppo.py``), which would clip and bias the first updates. Default: on in bf16,
-        off in float32 (where the two agree to 1e-5).
+        see :mod:`lm_gym.precision`): rollouts sample from a bf16 copy of the weights (made once per rollout),
+        updates run under bf16 autocast on float32 master weights and optimizer states; log-probs, KL,
+        advantages, value targets and losses are float32 in every precision. Default: the policy's
+        (``$LM_GYM_PRECISION``, else ``"auto"``).
+    :param recompute_logprobs: before the first epoch, take PPO's old log-probs and the values from the
+        training forward (one forward per segment, no gradients), so that PPO's ratio starts at exactly 1;
+        the KL penalty keeps the sampled log-probs. In bf16 the rollout's decode and the training forward
+        round differently (mean |Δ log p| about 0.03 on the default model, ratios from 0.8 to 1.3 before any
+        update: ``benchmarks/precision_ppo.py``), which would clip and bias the first updates. Default: on in
+        bf16, off in float32 (where the two agree to 1e-5).
     """
 
     def __init__(
@@ -182,7 +183,7 @@ class LMPPO(PPO):
             collector.begin(row, _context(obs, row))
         started, steps = time.perf_counter(), 0
         callback.on_rollout_start()
-        with self.actor_critic.precision.autocast(self.device):  # the weights are cast once for the whole rollout
+        with self.actor_critic.precision.autocast(self.device):  # bootstrap values' forwards cast the weights once
             while steps < n_rollout_steps:
                 with torch.no_grad():
                     ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], self.device)
@@ -345,6 +346,7 @@ class LMPPO(PPO):
         """Advantages and returns of ``data`` from the (normalised) rewards and the KL penalty, after the old
         log-probs and values are recomputed (see ``recompute_logprobs``) in the first epoch's ``minibatches``."""
         recompute = self.recompute_logprobs
+        data.old_logprobs = data.logprobs
         if recompute or (recompute is None and self.actor_critic.precision.reduced):
             self._recompute_old(data, minibatches)
         scores, scored = data.scores, data.scored.bool()
@@ -357,19 +359,21 @@ class LMPPO(PPO):
 
     @torch.no_grad()
     def _recompute_old(self, data: SegmentBatch, minibatches: list[list[int]] | None = None) -> None:
-        """The training forward's log-probs and values in place of the rollout's (see ``recompute_logprobs``).
+        """The training forward's log-probs as PPO's old log-probs, and its values in place of the rollout's
+        (see ``recompute_logprobs``). The KL penalty keeps the sampled log-probs: they and the reference's come
+        from the same bf16 decode, so an untrained policy's KL is exactly 0 (:mod:`agents.rollout_cache`).
 
         The forwards take the segments in the first epoch's ``minibatches`` (default: about ``batch_size``
         tokens each, in order): bf16 results depend on the batch's shapes, so the same groups make PPO's first
         ratios exactly 1.
         """
-        lengths = data.mask.sum(dim=1).tolist()
+        lengths, data.old_logprobs = data.mask.sum(dim=1).tolist(), data.logprobs.clone()
         for rows in minibatches or token_groups(list(range(len(lengths))), lengths, self.batch_size):
             sub = data.select(rows)
             steps = sub.mask.shape[1]
             evaluation = self.actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), sub.mask.bool(),
                                            self.rollout.allowed, entropy=False)
-            data.logprobs[rows, :steps] = evaluation.logprobs * sub.mask
+            data.old_logprobs[rows, :steps] = evaluation.logprobs * sub.mask
             data.values[rows, :steps] = evaluation.values * sub.mask
 
     def _minibatches(self, mask: torch.Tensor) -> list[list[int]]:
@@ -413,7 +417,7 @@ class LMPPO(PPO):
         advantages = sub.advantages
         if self.normalize_advantage and valid.sum() > 1:
             advantages = masked_whiten(advantages, sub.mask)
-        ratio = torch.exp(log_prob - sub.logprobs)
+        ratio = torch.exp(log_prob - sub.old_logprobs)
         policy_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_range, 1 + clip_range))[valid].mean()
         if clip_range_vf is not None:
             values = sub.values + (values - sub.values).clamp(-clip_range_vf, clip_range_vf)
@@ -423,7 +427,7 @@ class LMPPO(PPO):
         if actor:
             loss = loss + policy_loss + self.ent_coef * entropy_loss
         with torch.no_grad():
-            log_ratio = (log_prob - sub.logprobs)[valid]
+            log_ratio = (log_prob - sub.old_logprobs)[valid]
             stats = {
                 "policy_gradient_loss": policy_loss.item(), "value_loss": value_loss.item(),
                 "entropy_loss": entropy_loss.item(), "loss": loss.item(),

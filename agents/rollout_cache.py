@@ -7,9 +7,12 @@ whose observation is not exactly its previous one plus one token is prefilled af
 cache never serves keys and values of other tokens. Nor of other weights: any optimizer step or in-place
 write to the parameters since the cache was filled drops it (:func:`weights_version`).
 
-A LoRA policy in bf16 acts through a copy of its weights with the adapters merged in (:func:`merged_copy`,
-made again whenever the weights change): one plain bf16 forward per step instead of the base layer plus two
-small adapter products and their casts in each of its linear layers, about twice as fast to decode.
+In bf16 a policy acts through a bf16 copy of its weights (:func:`acting_copy`, made again whenever the
+weights change, so once per rollout): a LoRA policy's with the adapters merged in, one plain bf16 forward per
+step instead of the base layer plus two small adapter products and their casts in each linear layer (about
+twice as fast to decode); a float32 policy's cast weight by weight. The copy computes exactly as the env's
+bf16 LM does, so the sampled log-probs of an untrained policy equal the reference's and the KL penalty
+starts at exactly 0, not at bf16 noise (which PPO's whitened advantages would amplify into a signal).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lm_gym.episode_batch import EpisodeBatch
+from lm_gym.models import frozen_copy
 
 _optimizer_steps = 0  # steps of every torch optimizer in this process
 
@@ -40,19 +44,19 @@ def weights_version(model) -> tuple[int, int]:
     return _optimizer_steps, sum(p._version for p in model.parameters())
 
 
-def merged_copy(model):
-    """A frozen copy of a PEFT LoRA ``model`` with its adapters merged into the base weights (in the base's
-    dtype); any other model as it is."""
-    if not hasattr(model, "merge_and_unload"):
-        return model
-    return copy.deepcopy(model).merge_and_unload().requires_grad_(False).eval()
+def acting_copy(model, dtype: torch.dtype):
+    """A frozen copy of ``model`` that computes in ``dtype``: a PEFT LoRA model's with its adapters merged
+    into the base weights (in the base's dtype), any other model's with its parameters cast to ``dtype``."""
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload().requires_grad_(False).eval()
+    return frozen_copy(model, dtype)
 
 
 class _BackboneCache:
     """One backbone's rows: the episode batch, the previous observation and the weights it was computed with."""
 
-    def __init__(self, model, pad_token_id: int, rows: int, length: int, merge_adapters: bool):
-        runner = merged_copy(model) if merge_adapters else model
+    def __init__(self, model, pad_token_id: int, rows: int, length: int, dtype: torch.dtype | None):
+        runner = model if dtype is None else acting_copy(model, dtype)
         self.batch = EpisodeBatch(runner, rows, length, pad_token_id, keep_hidden=True)
         self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.version = weights_version(model)
@@ -88,15 +92,15 @@ class RolloutCache:
             backbone.restarted[rows] = True
 
     @torch.no_grad()
-    def latest(self, model, pad_token_id: int, ids: torch.Tensor, mask: torch.Tensor, merge_adapters: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def latest(self, model, pad_token_id: int, ids: torch.Tensor, mask: torch.Tensor,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs (B, V), last hidden state (B, H)) of ``model`` at the latest position of each row, running
-        only the new token of rows that extend their previous observation; ``merge_adapters``: run a LoRA
-        ``model`` as its :func:`merged_copy`."""
+        only the new token of rows that extend their previous observation; with a ``dtype``, ``model`` runs as
+        its :func:`acting_copy` in that dtype."""
         backbone = self._backbones.get(id(model))
         if backbone is None or not backbone.fits(model, ids):
             self._backbones.pop(id(model), None)  # the old copy goes before a new one is made
-            backbone = self._backbones[id(model)] = _BackboneCache(model, pad_token_id, *ids.shape, merge_adapters)
+            backbone = self._backbones[id(model)] = _BackboneCache(model, pad_token_id, *ids.shape, dtype)
         batch = backbone.batch
         extends = backbone.extends(ids, mask)
         fresh = (~extends).nonzero().squeeze(1).tolist()

@@ -98,7 +98,7 @@ class SegmentBatch:
     attention_mask: torch.Tensor  # (S, W)
     tokens: torch.Tensor  # (S, T) the agent's tokens
     mask: torch.Tensor  # (S, T) 1 for real tokens
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor  # (S, T) log π of the sampling policy (the KL penalty's)
     values: torch.Tensor
     ref_logprobs: torch.Tensor
     scores: torch.Tensor
@@ -106,6 +106,7 @@ class SegmentBatch:
     next_values: torch.Tensor  # (S,)
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None  # (S, T) PPO's ratio denominator: ``logprobs`` or recomputed
 
     @classmethod
     def from_segments(cls, segments: list[Segment], pad_token_id: int, device) -> "SegmentBatch":
@@ -133,7 +134,7 @@ class SegmentBatch:
         ids, attention = trim_left(self.ids[index], self.attention_mask[index])
         per_token = [None if t is None else t[index][:, :steps] for t in (
             self.tokens, self.mask, self.logprobs, self.values, self.ref_logprobs, self.scores, self.scored)]
-        extra = [None if t is None else t[index][:, :steps] for t in (self.advantages, self.returns)]
+        extra = [None if t is None else t[index][:, :steps] for t in (self.advantages, self.returns, self.old_logprobs)]
         return SegmentBatch(ids, attention, *per_token, self.next_values[index], *extra)
 
     def positions(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ byte-level BPE tokenizer shipped inside this package: fully offline, determinist
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -122,8 +123,7 @@ def load_model(
     else:
         model, tokenizer = _load_pretrained(name, trust_remote_code)
     ensure_pad_token(tokenizer)
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, tokenizer
+    return cast_weights(model, dtype, device).eval(), tokenizer
 
 
 def output_vocab_size(model) -> int:
@@ -153,8 +153,33 @@ def resolve_model(model, tokenizer, device, dtype):
     ensure_pad_token(tokenizer)
     if device is not None or dtype is not None:
         device = None if device is None else resolve_device(device)
-        model = model.to(device=device, dtype=None if dtype is None else _resolve_dtype(dtype, device))
+        model = cast_weights(model, None if dtype is None else _resolve_dtype(dtype, device), device)
     return model.eval(), tokenizer
+
+
+def cast_weights(model, dtype: torch.dtype | None, device=None):
+    """``model`` (in place) with its floating-point parameters in ``dtype`` (None: as they are) and on
+    ``device``; floating-point buffers keep their dtype.
+
+    ``Module.to(dtype)`` would cast the buffers too: the rotary frequencies in bf16 are off by up to 0.4%,
+    which turns positions a hundred tokens in by a tenth of a radian. Hugging Face's own ``from_pretrained``
+    with a bf16 ``dtype`` keeps them float32; so does this.
+    """
+    buffers = {name: buffer for name, buffer in model.named_buffers() if buffer.is_floating_point()}
+    model.to(device=device, dtype=dtype)
+    for name, buffer in buffers.items():
+        owner, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, buffer.to(device=device or buffer.device))
+    return model
+
+
+def frozen_copy(model, dtype: torch.dtype | None = None):
+    """A frozen copy of ``model`` in eval mode with its parameters in ``dtype`` (default: theirs) and its
+    buffers as they are, made parameter by parameter: no full-size copy in the original dtype on the way.
+    Tied parameters stay tied."""
+    copies = {id(p): torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+              for p in model.parameters()}
+    return copy.deepcopy(model, copies).requires_grad_(False).eval()
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device) -> torch.dtype:

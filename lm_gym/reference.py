@@ -14,12 +14,10 @@ reference log-probs scores each finished response once, in one batched forward o
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from lm_gym.logprobs import check_output_logits, last_hidden_states, output_logits, token_logprobs
-from lm_gym.models import adapters_disabled
+from lm_gym.models import adapters_disabled, frozen_copy
 from lm_gym.padding import pad_left
 
 
@@ -42,7 +40,7 @@ class ReferenceModel:
     def frozen_copy(cls, model, tokenizer, dtype: torch.dtype | None = None) -> ReferenceModel:
         """A reference that is a frozen copy of ``model`` as it is now (for full fine-tuning), in ``dtype``
         (default: the model's)."""
-        return cls(copy.deepcopy(model).requires_grad_(False).to(dtype=dtype).eval(), tokenizer)
+        return cls(frozen_copy(model, dtype), tokenizer)
 
     @property
     def device(self) -> torch.device:

@@ -32,8 +32,8 @@ def success_rate(agent, env, rounds=4):
     return float(np.mean(hits))
 
 
-def test_lmppo_learns_to_start_with_a_word():
-    precision = "fp32"  # in bf16 this sparse reward is not learned yet (issue 13: the policy-reference KL noise)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lmppo_learns_to_start_with_a_word(precision):
     torch.manual_seed(0)
     env = SB3VecEnv(8, prompts=PROMPTS, reward=starts_with_word, max_new_tokens=4, device="cpu", precision=precision)
     agent = LMPPO(env=env, n_steps=4, batch_size=32, n_epochs=4, learning_rate=3e-5, kl_coef=0.02, seed=0,

@@ -99,9 +99,24 @@ def test_bf16_recomputed_old_log_probs_start_the_ratio_at_exactly_one(env):
     agent = make_agent(env, precision="bf16")  # recompute_logprobs defaults to on in bf16
     data = collect(agent)
     rollout = torch.tensor([lp for s in agent.rollout.segments for lp in s.logprobs])
-    assert not torch.equal(rollout, data.logprobs[data.mask.bool()])  # replaced by the training forward's
+    valid = data.mask.bool()
+    assert torch.equal(rollout, data.logprobs[valid])  # the KL penalty's: the sampled log-probs
+    assert not torch.equal(rollout, data.old_logprobs[valid])  # the ratio's: the training forward's
     _, stats = agent.segment_loss(data, list(range(len(agent.rollout.segments))), 0.2, 0.2)
     assert stats["ratio_mean"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clip_fraction"] == 0.0
+
+
+def test_an_untrained_bf16_policy_samples_with_exactly_the_references_log_probs():
+    """In bf16 the policy acts through a bf16 copy of its float32 weights that computes as the env's bf16 LM
+    does: an untrained policy's KL penalty is exactly 0, not bf16 noise that whitening would amplify."""
+    env = SB3VecEnv(3, model="tiny", max_new_tokens=5, max_prompt_tokens=64, precision="bf16",
+                    reward=lambda p, r, **c: [0.0] * len(r))
+    agent = make_agent(env, precision="bf16", policy_kwargs={"model": "tiny", "optimizer_class": torch.optim.SGD})
+    assert agent.actor_critic.lm.dtype == torch.float32  # the master weights
+    data = collect(agent)
+    valid = data.mask.bool()
+    assert torch.equal(data.logprobs[valid], data.ref_logprobs[valid])
+    assert not torch.equal(data.old_logprobs[valid], data.ref_logprobs[valid])  # the training forward rounds apart
 
 
 def test_segments_bootstrap_truncation_not_termination(env):

@@ -46,8 +46,8 @@ def test_chunks_give_the_full_vocabulary_values_and_gradients(lm, chunk):
     (ours, our_entropy, our_grads), (theirs, their_entropy, their_grads) = results
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(our_entropy, their_entropy)
-    for mine, reference in zip(our_grads, their_grads):
-        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+    for mine, reference in zip(our_grads, their_grads):  # float32 sums in another order: relative to the scale
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 
 def test_an_entropy_statistic_carries_no_gradient(lm):
