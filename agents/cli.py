@@ -192,7 +192,7 @@ def run_eval(args: argparse.Namespace) -> int:
     config, _ = TrainConfig(model=args.reference, alpha=args.alpha, eval_prompts=args.eval_prompts, seed=args.seed,
                             precision=args.precision).resolved()
     _, prompts = split_prompts(config)
-    env = make_env(config, prompts, len(prompts), args.reference, None, training=False)
+    env = make_env(config, prompts, len(prompts), args.reference, None)
     agent = LMPPO(env=env, n_steps=config.max_new_tokens, policy_kwargs={"model": args.model}, seed=args.seed,
                   precision=config.precision)
     record = evaluate(agent, env, prompts, args.seed)

@@ -12,7 +12,6 @@ Under ``torchrun`` (or ``lm-gym train --nproc K``) the run is data-parallel: eac
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import sys
@@ -35,10 +34,14 @@ from agents import distributed
 from agents.evaluation import evaluate
 from agents.export import export_pretrained
 from agents.ppo import LMPPO
+from agents.run_report import append_metrics, write_report
 from lm_gym.data import default_prompts, load_prompts
 from lm_gym.precision import Precision, resolve_precision
-from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward
+from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward, MissingEOSPenalty, WeightedSum
 from lm_gym.sb3 import SB3VecEnv
+
+BRIEF_ANSWERS = "You are a helpful assistant. Keep every answer brief: at most three sentences."
+LORA_LEARNING_RATE, FULL_LEARNING_RATE = 2e-4, 1e-5  # learning_rate's defaults
 
 
 @dataclass
@@ -48,24 +51,26 @@ class TrainConfig:
     model: str = "default"
     prompts: str | None = None
     alpha: float = 0.5
-    max_new_tokens: int = 24
+    max_new_tokens: int = 64
     max_prompt_tokens: int = 96
     num_envs: int = 32
-    iterations: int = 14
-    learning_rate: float = 1e-5
+    iterations: int = 10
+    learning_rate: float | None = None
     value_learning_rate: float = 1e-3
     n_epochs: int = 2
-    batch_size: int = 512
+    batch_size: int = 256
     kl_coef: float = 0.05
     kl_target: float | None = None
     critic_warmup: int = 1
     temperature: float = 1.0
-    lora_rank: int = 0
+    lora_rank: int = 16
+    system_prompt: str | None = BRIEF_ANSWERS
+    missing_eos_penalty: float = 0.5
     eval_prompts: int = 16
     eval_samples: int = 4
     seed: int = 0
     device: str | None = None
-    precision: str = "fp32"  # until bf16 learns the main job as well (issue 13); "auto" picks bf16 where fast
+    precision: str | None = None
     feedback_db: str | None = None
 
     HELP: ClassVar[dict[str, str]] = {  # one line of meaning per field: the flags' --help
@@ -77,7 +82,7 @@ class TrainConfig:
         "max_prompt_tokens": "prompt length limit in tokens; longer prompts keep their last tokens",
         "num_envs": "episodes per rollout, stepped together in one batched forward",
         "iterations": "rollout + update iterations",
-        "learning_rate": "learning rate of the LM",
+        "learning_rate": "learning rate of the LM (default: 2e-4 for LoRA adapters, 1e-5 for full fine-tuning)",
         "value_learning_rate": "learning rate of the value head",
         "n_epochs": "PPO epochs over each rollout",
         "batch_size": "tokens per PPO minibatch",
@@ -86,12 +91,14 @@ class TrainConfig:
         "critic_warmup": "first iterations that train only the value head",
         "temperature": "sampling temperature of the policy (pi = softmax(logits / temperature))",
         "lora_rank": "LoRA rank on all linear layers sharing the env's weights (0: full fine-tuning)",
+        "system_prompt": "system message before every prompt given as text (empty: none, the chat template's own)",
+        "missing_eos_penalty": "subtracted from the reward of a response cut at max_new_tokens without ending",
         "eval_prompts": "held-out prompts for the before/after evaluation",
         "eval_samples": "responses sampled per held-out prompt",
         "seed": "seed of prompts, sampling and updates (the run is deterministic on one machine)",
         "device": "where the LMs run, e.g. 'cpu' or 'cuda' (default: CUDA when available)",
-        "precision": "'auto' (bf16 where the hardware runs it fast), 'bf16' or 'fp32'; config.toml records the "
-                     "choice and why",
+        "precision": "'auto' (bf16 where the hardware runs it fast), 'bf16' or 'fp32' (default: $LM_GYM_PRECISION, "
+                     "else 'auto'); config.toml records the choice and why",
         "feedback_db": "a feedback store URL (lm-gym feedback serve --db): r_f reads its ratings as they arrive "
                        "instead of the shipped feedback set",
     }
@@ -116,10 +123,11 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
     def resolved(self) -> tuple["TrainConfig", Precision]:
-        """This config with ``precision`` resolved (``"auto"`` becomes what it picks here), and the
-        :class:`lm_gym.precision.Precision` with its reason."""
+        """This config with ``precision`` resolved (``"auto"`` becomes what it picks here) and the learning
+        rate's default filled in, and the :class:`lm_gym.precision.Precision` with its reason."""
         precision = resolve_precision(self.precision, self.device)
-        return dataclasses.replace(self, precision=precision.name), precision
+        learning_rate = self.learning_rate or (LORA_LEARNING_RATE if self.lora_rank else FULL_LEARNING_RATE)
+        return dataclasses.replace(self, precision=precision.name, learning_rate=learning_rate), precision
 
 
 def split_prompts(config: TrainConfig) -> tuple[list, list]:
@@ -152,18 +160,31 @@ def default_blend(alpha: float, feedback_db: str | None = None) -> BlendedReward
     return BlendedReward(feedback, FluencyReward(), alpha=alpha)
 
 
-def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, training: bool,
-             reward=None) -> SB3VecEnv:
-    """The training or evaluation env (``reward`` default: the default task's blend).
+def with_missing_eos_penalty(reward, penalty: float):
+    """``reward`` minus ``penalty`` for a response cut at the length limit (:class:`MissingEOSPenalty`), as one
+    :class:`WeightedSum` whose components are the reward's own and ``missing_eos``; ``reward`` itself when
+    the penalty is 0."""
+    if not penalty:
+        return reward
+    terms = list(zip(reward.weights, reward.rewards)) if isinstance(reward, WeightedSum) else [(1.0, reward)]
+    return WeightedSum([*terms, (penalty, MissingEOSPenalty())], getattr(reward, "normalize", False),
+                       name=getattr(reward, "name", "reward"))
 
-    The training env does not score tokens as they are taken (LMPPO scores the reference in one forward per
-    episode instead, which is cheaper); the evaluation env does, for the KL it reports.
+
+def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, reward=None) -> SB3VecEnv:
+    """The training or evaluation env: ``reward`` (default: :func:`default_blend`) with the missing-EOS penalty.
+
+    Both score each token with the reference as it is taken: the KL penalty and the fluency reward read
+    those log-probs, which in bf16 come from the same decode as the policy's (an untrained policy's KL is
+    exactly 0, :mod:`agents.rollout_cache`), and one decode step costs less than scoring the episodes again.
     """
     reward = reward if reward is not None else default_blend(config.alpha, config.feedback_db)
     return SB3VecEnv(
-        num_envs, model=model, tokenizer=tokenizer, prompts=prompts, reward=reward,
+        num_envs, model=model, tokenizer=tokenizer, prompts=prompts,
+        reward=with_missing_eos_penalty(reward, config.missing_eos_penalty),
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
-        truncate_prompt="left", reference_logprobs=not training, device=config.device, precision=config.precision,
+        truncate_prompt="left", system_prompt=config.system_prompt or None, device=config.device,
+        precision=config.precision,
     )
 
 
@@ -173,7 +194,7 @@ def make_rank_env(config: TrainConfig, task: Task) -> SB3VecEnv:
     ranks = distributed.world_size()
     if config.num_envs % ranks:
         raise ValueError(f"num_envs={config.num_envs} does not split evenly over {ranks} ranks")
-    return make_env(config, task.train_prompts, config.num_envs // ranks, config.model, None, True, task.reward())
+    return make_env(config, task.train_prompts, config.num_envs // ranks, config.model, None, task.reward())
 
 
 def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
@@ -211,7 +232,7 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
     env = make_rank_env(config, task)
     eval_env = None
     if main:  # rank 0 alone evaluates
-        eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, False, task.reward())
+        eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, task.reward())
     if resume:
         if not (run_dir / "checkpoint.zip").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")
@@ -236,7 +257,7 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
                       file=sys.stderr)
             raise
         if main:
-            _append_metrics(run_dir, iteration, agent)
+            append_metrics(run_dir, iteration, agent)
         values = agent.logger.name_to_value
         progress.set_postfix(reward=f"{values.get('rollout/reward_mean', float('nan')):.3f}",
                              kl=f"{values.get('rollout/kl_per_segment', float('nan')):.3f}")
@@ -276,55 +297,6 @@ def _logger(run_dir: Path):
     return configure(str(run_dir / "tb"), ["tensorboard"])
 
 
-METRICS = ["rollout/reward_mean", "rollout/kl_per_segment", "rollout/response_length", "rollout/eos_rate",
-           "train/approx_kl", "train/clip_fraction", "train/value_loss", "train/explained_variance",
-           "time/rollout_tokens_per_s", "time/train_tokens_per_s"]
-
-
-def _append_metrics(run_dir: Path, iteration: int, agent: LMPPO) -> None:
-    path = run_dir / "metrics.csv"
-    new = not path.exists() or iteration == 0
-    with open(path, "w" if new else "a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new:
-            writer.writerow(["iteration", "timesteps", *METRICS])
-        values = agent.logger.name_to_value
-        writer.writerow([iteration, agent.num_timesteps, *(values.get(key, "") for key in METRICS)])
-
-
-def write_report(run_dir: Path, state: dict) -> None:
-    """``curves.png`` from metrics.csv and ``samples.md`` with before/after held-out responses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(run_dir / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    steps = [int(r["timesteps"]) for r in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for axis, (key, title) in zip(axes, [("rollout/reward_mean", "reward"), ("rollout/kl_per_segment", "KL to reference"),
-                                         ("rollout/response_length", "response length (tokens)")]):
-        axis.plot(steps, [float(r[key]) if r[key] else float("nan") for r in rows], marker="o")
-        axis.set_title(title)
-        axis.set_xlabel("env steps (tokens)")
-    figure.tight_layout()
-    figure.savefig(run_dir / "curves.png", dpi=100)
-    plt.close(figure)
-    lines = ["# Held-out samples", ""]
-    for label in ("before", "after"):
-        record = state[label]
-        parts = ", ".join(f"{k} {v:.3f}" for k, v in record["components"].items())
-        lines += [f"## {label} training", "", f"mean reward {record['reward']:.3f} ± {record['reward_stderr']:.3f} "
-                  f"over {len(record['samples'])} responses ({parts}); KL {record['kl']:.3f}; "
-                  f"length {record['length']:.1f} characters", ""]
-        first: dict = {}
-        for prompt, response in record["samples"]:
-            first.setdefault(prompt, response)  # one response per prompt: the first sampled
-        lines += [f"- **{prompt}**\n  {response.strip()}" for prompt, response in first.items()] + [""]
-    (run_dir / "samples.md").write_text("\n".join(lines))
-
-
 def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | None = None) -> dict:
     """:func:`run`, printing the before/after summary and the wall time."""
     started = time.perf_counter()
@@ -335,6 +307,6 @@ def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Ta
         record = state[label]
         parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())
         print(f"{label}: reward {record['reward']:.3f} ± {record['reward_stderr']:.3f} ({parts}), KL {record['kl']:.3f}, "
-              f"length {record['length']:.0f} chars")
+              f"length {record['length']:.0f} chars, EOS rate {record['eos_rate']:.0%}")
     print(f"run directory: {run_dir} ({time.perf_counter() - started:.0f} s)")
     return state

@@ -14,8 +14,13 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer, prompt: Prompt, use_chat_template: bool) -> list[int]:
-    """Token ids of a prompt: chat-formatted with the generation prompt, or plain text with special tokens."""
+def encode_prompt(tokenizer, prompt: Prompt, use_chat_template: bool, system_prompt: str | None = None) -> list[int]:
+    """Token ids of a prompt: chat-formatted with the generation prompt, or plain text with special tokens;
+    a prompt given as text gets ``system_prompt`` before it (a system turn, or text and a blank line)."""
+    if system_prompt and isinstance(prompt, str):
+        if not use_chat_template:
+            return tokenizer(f"{system_prompt}\n\n{prompt}").input_ids
+        prompt = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
     if use_chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -61,6 +61,9 @@ class EnvConfig:
         steps, so a K below this cuts responses before the env scores them (reward 0, no ``response_text``).
     :param max_prompt_tokens: prompt length limit, chat formatting included.
     :param use_chat_template: format prompts with the tokenizer's chat template; default on when it has one.
+    :param system_prompt: a system message before every prompt given as text (a dialogue keeps its own
+        messages): with the chat template, a ``system`` turn; without one, text and a blank line before the
+        prompt. Rewards see the prompt without it. ``None``: none (a chat template may add its own default).
     :param stop_token_ids: tokens that end the response; default the EOS token(s).
     :param truncate_prompt: ``None`` (too-long prompts raise), ``"left"`` or ``"right"`` (cut that side).
     :param multi_turn: ``None`` for single-turn episodes, or :class:`MultiTurn` settings (or a dict of them).
@@ -85,6 +88,7 @@ class EnvConfig:
     max_new_tokens: int = 48
     max_prompt_tokens: int = 128
     use_chat_template: bool | None = None
+    system_prompt: str | None = None
     stop_token_ids: Any = None
     truncate_prompt: str | None = None
     multi_turn: MultiTurn | dict | None = None
@@ -94,6 +98,8 @@ class EnvConfig:
     precision: str | torch.dtype | None = None
 
     def __post_init__(self):
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise TypeError(f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
         for name in ("max_new_tokens", "max_prompt_tokens"):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -130,7 +130,7 @@ class TokenEpisodes:
         self.turn_start[list(rows)] = self.batch.lengths[list(rows)]
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        ids = encode_prompt(self.tokenizer, prompt, self.use_chat_template)
+        ids = encode_prompt(self.tokenizer, prompt, self.use_chat_template, self.config.system_prompt)
         limit, truncate = self.config.max_prompt_tokens, self.config.truncate_prompt
         if len(ids) <= limit:
             return ids

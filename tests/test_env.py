@@ -171,6 +171,28 @@ def test_plain_text_mode_without_chat_template(make_tiny_env, tiny):
     assert observed_tokens(obs) == tokenizer("Once upon a time").input_ids
 
 
+def test_a_system_prompt_goes_before_text_prompts_only(make_tiny_env, tiny):
+    _, tokenizer = tiny
+
+    def chat(messages):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    env = make_tiny_env(system_prompt="Be brief.")
+    obs, _ = env.reset(seed=0, options={"prompt": "Name a fruit."})
+    system = {"role": "system", "content": "Be brief."}
+    assert observed_tokens(obs) == chat([system, {"role": "user", "content": "Name a fruit."}])
+    assert reset_prompt(env, seed=0, options={"prompt": "Name a fruit."}) == "Name a fruit."  # what rewards see
+    dialogue = [{"role": "system", "content": "Be long."}, {"role": "user", "content": "Hi"}]
+    obs, _ = env.reset(options={"prompt": dialogue})
+    assert observed_tokens(obs) == chat(dialogue)  # a dialogue keeps its own system message
+    plain = make_tiny_env(system_prompt="Be brief.", use_chat_template=False)
+    obs, _ = plain.reset(options={"prompt": "Once"})
+    assert observed_tokens(obs) == tokenizer("Be brief.\n\nOnce").input_ids
+    with pytest.raises(TypeError, match="system_prompt must be a string"):
+        make_tiny_env(system_prompt=["Be brief."])
+
+
 def test_chat_message_prompts(make_tiny_env):
     env = make_tiny_env()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]

@@ -31,7 +31,7 @@ def test_run_directory_holds_every_artefact(tmp_path):
     assert len(rows) == 3 and all(row["rollout/kl_per_segment"] for row in rows)
     samples = (tmp_path / "samples.md").read_text()
     assert "## before training" in samples and "## after training" in samples
-    assert {"feedback", "fluency"} == set(state["after"]["components"])
+    assert {"feedback", "fluency", "missing_eos"} == set(state["after"]["components"])
     exported = lm_gym.LanguageModelEnv(model=str(tmp_path / "model"), max_new_tokens=2, reward=lambda p, r, **c: [0.0])
     exported.reset(seed=0)
     assert TrainConfig.from_toml(tmp_path / "config.toml") == TrainConfig(**TINY, precision="fp32")  # as resolved
@@ -72,8 +72,8 @@ def test_sample_callback_writes_responses_for_fixed_prompts(tmp_path, tiny):
     model, tokenizer = tiny
     config = TrainConfig(**TINY)
     prompts = ["Name a colour.", "Say hello."]
-    env = training.make_env(config, ["Count to three."] * 4, 4, model, tokenizer, training=True)
-    sample_env = training.make_env(config, prompts, 2, model, tokenizer, training=False)
+    env = training.make_env(config, ["Count to three."] * 4, 4, model, tokenizer)
+    sample_env = training.make_env(config, prompts, 2, model, tokenizer)
     agent = training.make_agent(config, env)
     callback = SampleResponsesCallback(sample_env, prompts, tmp_path / "samples.md", every=2)
     agent.learn(4 * config.max_new_tokens * 4, callback=callback)
@@ -90,3 +90,21 @@ def test_config_toml_records_what_auto_picked_and_why(tmp_path):
     assert f'precision = "{config.precision}"  # auto: ' in text
     (tmp_path / "config.toml").write_text(text)
     assert TrainConfig.from_toml(tmp_path / "config.toml") == config  # the comment reads back as the choice
+
+
+def test_the_missing_eos_penalty_joins_the_rewards_own_components():
+    blend = lm_gym.BlendedReward(lm_gym.FunctionReward(lambda p, r: [1.0] * len(r), "liked"),
+                                 lm_gym.FunctionReward(lambda p, r: [0.5] * len(r), "fluent"), alpha=0.5)
+    reward = training.with_missing_eos_penalty(blend, 0.25)
+    scored = reward.evaluate(["a", "b"], ["ended.", "cut at the lim"], stopped=[True, False])
+    assert list(scored.components) == ["liked", "fluent", "missing_eos"]
+    assert scored.total.tolist() == [0.75, 0.5]
+    assert training.with_missing_eos_penalty(blend, 0.0) is blend
+
+
+def test_samples_md_reports_each_components_change_in_standard_errors(tmp_path):
+    run(TrainConfig(**TINY), tmp_path)
+    table = (tmp_path / "samples.md").read_text().split("\n\n")[1]
+    names = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
+    assert names == ["reward", "feedback", "fluency", "missing_eos", "EOS rate", "KL to the reference (nats)"]
+    assert table.splitlines()[2].endswith(" SE) |")  # the reward's change, in combined standard errors
