@@ -20,7 +20,7 @@ def test_schema_version_is_recorded_and_a_newer_one_refused(store_url):
     with again.writes.begin() as session:
         session.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION + 1)))
     again.close()
-    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}; this lm-gym reads version"):
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than the version {SCHEMA_VERSION} this lm-gym knows"):
         FeedbackStore(store_url)
 
 

@@ -13,11 +13,12 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, func, insert, inspect, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from lm_gym.feedback.migrations import upgrade
 from lm_gym.feedback.schema import ITEM_KINDS, ROLES, SCHEMA_VERSION, SIGNALS, Base, Item, Meta, Rater, Rating, Signal
 
 
@@ -104,10 +105,10 @@ def make_engine(url: str) -> Engine:
 
 
 class FeedbackStore:
-    """The feedback database at ``url``, created or checked against :data:`SCHEMA_VERSION` on opening.
+    """The feedback database at ``url``, created at :data:`SCHEMA_VERSION` or migrated to it on opening.
 
     :param url: a SQLAlchemy URL: ``sqlite:///path/feedback.db`` or ``postgresql+psycopg://user@host/db``.
-    :raises StoreError: when the database holds a schema version this code does not know.
+    :raises StoreError: when the database holds a newer schema version than this code knows.
     """
 
     def __init__(self, url: str):
@@ -120,20 +121,25 @@ class FeedbackStore:
         self.secret = self._migrate()
 
     def _migrate(self) -> str:
-        """Create missing tables, record the schema version and the form-signing secret; return the secret."""
-        Base.metadata.create_all(self.engine)
-        with self.writes.begin() as session:
-            version = session.get(Meta, "schema_version")
+        """Create a new database at :data:`SCHEMA_VERSION`, or upgrade an older one step by step
+        (:mod:`lm_gym.feedback.migrations`), in one transaction; keep the form-signing secret; return it."""
+        with self.engine.execution_options(sqlite_begin="IMMEDIATE").begin() as connection:
+            version = _stored_version(connection)
             if version is None:
-                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(version.value) != SCHEMA_VERSION:
-                raise StoreError(f"{self.url} has feedback schema version {version.value}; this lm-gym reads "
-                                 f"version {SCHEMA_VERSION} (upgrade lm-gym or use another database)")
-            secret = session.get(Meta, "secret")
+                Base.metadata.create_all(connection)
+                connection.execute(insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif version > SCHEMA_VERSION:
+                raise StoreError(f"{self.engine.url.render_as_string()} has feedback schema version {version}, "
+                                 f"newer than the version {SCHEMA_VERSION} this lm-gym knows: a newer lm-gym "
+                                 "wrote it; upgrade lm-gym to use it (or use another database)")
+            elif version < SCHEMA_VERSION:
+                upgrade(connection, version, SCHEMA_VERSION)
+                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+            secret = connection.scalar(select(Meta.value).where(Meta.key == "secret"))
             if secret is None:
-                secret = Meta(key="secret", value=secrets.token_hex(32))
-                session.add(secret)
-            return secret.value
+                secret = secrets.token_hex(32)
+                connection.execute(insert(Meta).values(key="secret", value=secret))
+            return secret
 
     def schema_version(self) -> int:
         """The schema version recorded in the database."""
@@ -285,7 +291,10 @@ class FeedbackStore:
                 session.commit()
             except IntegrityError:
                 session.rollback()
-                return _stored_signal(session, app_id, idempotency_key), False
+                stored = None if idempotency_key is None else _stored_signal(session, app_id, idempotency_key)
+                if stored is None:
+                    raise
+                return stored, False  # a concurrent retry stored the same key first
             return row, True
 
     def ratings(self, after_id: int = 0) -> list[Rating]:
@@ -337,15 +346,29 @@ def _item_row(item: NewItem) -> Item:
 
 
 def _item_for(session: Session, prompt, response: str) -> int:
-    """The id of the single-response item for (prompt, response), added if there is none."""
+    """The id of the single-response item for (prompt, response), added if there is none. Two concurrent
+    signals for a new one both try to add it: the unique ``signal_key`` lets one in, and the other, whose
+    insert fails (inside a savepoint, so its transaction goes on), reads the winner's item."""
     key = content_hash(prompt, response, None)
-    found = session.scalar(select(Item.id).where(Item.content_hash == key, Item.kind == "single").limit(1))
+    found = session.scalar(select(Item.id).where(Item.content_hash == key, Item.kind == "single")
+                           .order_by(Item.id).limit(1))
     if found is not None:
         return found
     row = _item_row(NewItem(prompt, response, source="signal"))
-    session.add(row)
-    session.flush()
+    row.signal_key = key
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        return session.scalar(select(Item.id).where(Item.signal_key == key))
     return row.id
+
+
+def _stored_version(connection: Connection) -> int | None:
+    """The schema version a database records; None for a new database (no ``meta`` table)."""
+    if not inspect(connection).has_table("meta"):
+        return None
+    return int(connection.scalar(select(Meta.value).where(Meta.key == "schema_version")))
 
 
 def _stored_rating(session: Session, rater_id: int, key: str) -> Rating | None:
