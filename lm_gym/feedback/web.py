@@ -68,8 +68,9 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy"
 
 
 class Guard:
-    """ASGI middleware: refuse bodies over :data:`MAX_BODY_BYTES` (413, by their Content-Length) and add the
-    security headers to every answer (the Content-Security-Policy everywhere but Swagger UI's ``/docs``)."""
+    """ASGI middleware: refuse bodies over :data:`MAX_BODY_BYTES` with a 413 (by their Content-Length, or, for
+    a body streamed without one, as it arrives) and add the security headers to every answer (the
+    Content-Security-Policy everywhere but Swagger UI's ``/docs``)."""
 
     def __init__(self, app):
         self.app = app
@@ -79,9 +80,13 @@ class Guard:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            refusal = JSONResponse({"detail": f"request body of {length.decode(errors='replace')} bytes; the limit "
-                                              f"is {MAX_BODY_BYTES}"}, status_code=413)
-            return await refusal(scope, receive, send)
+            return await _too_large(f"request body of {length.decode(errors='replace')} bytes")(scope, receive, send)
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await _read_body(receive)
+            if body is None:
+                return await _too_large("request body (streamed without Content-Length) over the limit")(
+                    scope, receive, send)
+            receive = _replay(body, receive)
         extra = SECURITY_HEADERS
         if not scope["path"].startswith("/docs"):  # Swagger UI loads its own scripts
             extra = extra + [(b"content-security-policy", CONTENT_SECURITY_POLICY.encode())]
@@ -92,3 +97,33 @@ class Guard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _too_large(what: str) -> JSONResponse:
+    return JSONResponse({"detail": f"{what}; the limit is {MAX_BODY_BYTES} bytes"}, status_code=413)
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole body of a request streamed without Content-Length (chunked), or None as soon as it passes
+    :data:`MAX_BODY_BYTES` (the rest is never read)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away: the app sees an empty body
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY_BYTES:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that gives the app ``body`` in one message, then defers to ``receive``."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
