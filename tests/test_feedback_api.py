@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lm_gym.feedback.schema import Rating, Signal
-from lm_gym.feedback.store import NewItem
+from lm_gym.feedback.store import FeedbackStore, NewItem, hash_token
 from lm_gym.feedback.web import create_app
 from tests.feedback_servers import AppServer
 
@@ -220,3 +220,34 @@ def test_chunked_bodies_count_against_the_size_limit(feedback_store, store_url):
                                      "the limit is 1000000 bytes")
     assert small.status_code == 201 and small.request.headers["transfer-encoding"] == "chunked"
     assert [(r.item_id, r.value) for r in feedback_store.ratings()] == [(item, 1.0)]  # the huge one wrote nothing
+
+
+def _admin_line(server: AppServer) -> str:
+    """The admin line that ``serve`` printed (its second line)."""
+    return [server.process.stdout.readline() for _ in range(3)][1].strip()
+
+
+def _admin_answer(server: AppServer, token: str) -> int:
+    return httpx.get(f"{server.url}/a/{token}", follow_redirects=False).status_code
+
+
+def test_admin_token_is_made_once_kept_across_restarts_or_given(store_url, monkeypatch):
+    monkeypatch.delenv("LM_GYM_FEEDBACK_ADMIN_TOKEN", raising=False)
+    server = AppServer(store_url, None)
+    server.start()
+    try:
+        made = _admin_line(server).removeprefix(f"admin: {server.url}/a/")
+        server.stop()
+        server.start()  # a restart keeps the token: the link printed first still works, and is not printed again
+        assert _admin_line(server).startswith("admin: the link printed when this database's admin token was made")
+        assert _admin_answer(server, made) == 303 and _admin_answer(server, made + "x") == 403
+        server.stop()
+        monkeypatch.setenv("LM_GYM_FEEDBACK_ADMIN_TOKEN", "admin-token-from-the-environment")
+        server.start()  # a given token replaces the database's
+        assert _admin_line(server) == f"admin: {server.url}/a/admin-token-from-the-environment"
+        assert _admin_answer(server, "admin-token-from-the-environment") == 303 and _admin_answer(server, made) == 403
+    finally:
+        server.stop()
+    store = FeedbackStore(store_url)
+    assert len(made) >= 30 and store.admin_token_hash() == hash_token("admin-token-from-the-environment")
+    store.close()

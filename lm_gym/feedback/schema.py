@@ -1,6 +1,7 @@
 """The feedback database's tables (SQLAlchemy 2.x declarative models) and its schema version.
 
-- ``meta``: key/value settings of the database: ``schema_version`` and the ``secret`` that signs form tokens.
+- ``meta``: key/value settings of the database: ``schema_version``, the ``secret`` that signs form tokens and
+  the SHA-256 of the admin token (``admin_token_hash``).
 - ``raters``: invited people (role ``rater``) and deployed applications (role ``app``); only the SHA-256 of
   each secret token is stored.
 - ``items``: a prompt with one response (``kind="single"``, rated +1/-1) or two (``kind="pair"``, compared);

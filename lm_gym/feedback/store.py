@@ -146,6 +146,19 @@ class FeedbackStore:
         with self.sessions() as session:
             return int(session.get(Meta, "schema_version").value)
 
+    def set_admin_token(self, token: str) -> None:
+        """Make ``token`` the admin token (only its SHA-256 is stored), replacing any earlier one."""
+        if len(token) < 16:
+            raise StoreError(f"the admin token must be at least 16 characters, got {len(token)}")
+        with self.writes.begin() as session:
+            session.merge(Meta(key="admin_token_hash", value=hash_token(token)))
+
+    def admin_token_hash(self) -> str | None:
+        """The SHA-256 of the admin token, or None while the database has none."""
+        with self.sessions() as session:
+            row = session.get(Meta, "admin_token_hash")
+            return None if row is None else row.value
+
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()

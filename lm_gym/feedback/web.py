@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import secrets
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from lm_gym.feedback import api, pages
 from lm_gym.feedback.auth import Settings
-from lm_gym.feedback.store import FeedbackStore
+from lm_gym.feedback.store import FeedbackStore, hash_token
 
 MAX_BODY_BYTES = 1_000_000
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -22,16 +21,20 @@ def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per
     """The rating app over ``store``.
 
     :param store: the feedback store.
-    :param admin_token: the admin secret (default: a fresh random one, in ``app.state.settings.admin_token``).
+    :param admin_token: the admin secret (at least 16 characters); default: the admin token whose hash the
+        database keeps (``lm-gym feedback serve`` makes one, or stores the one it is given).
     :param ratings_per_item: judgements wanted per item (>= 1) before it leaves the queue.
     """
     if ratings_per_item < 1:
         raise ValueError(f"ratings_per_item must be >= 1, got {ratings_per_item}")
     if admin_token is not None and len(admin_token) < 16:
         raise ValueError("the admin token must be at least 16 characters")
+    admin_hash = store.admin_token_hash() if admin_token is None else hash_token(admin_token)
+    if admin_hash is None:
+        raise ValueError("the database has no admin token yet: pass admin_token (lm-gym feedback serve makes one)")
     app = FastAPI(title="lm-gym feedback", version="1", description="Rate and compare model responses; "
                   "the ratings feed lm-gym's FeedbackReward, load_feedback and load_preferences.")
-    app.state.settings = Settings(store, admin_token or secrets.token_urlsafe(24), ratings_per_item)
+    app.state.settings = Settings(store, admin_hash, ratings_per_item)
     app.include_router(api.router)
     app.include_router(pages.router)
     app.add_middleware(Guard)
@@ -50,17 +53,18 @@ def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per
     return app
 
 
-ENVIRONMENT = ("LM_GYM_FEEDBACK_DB", "LM_GYM_FEEDBACK_ADMIN_TOKEN", "LM_GYM_FEEDBACK_RATINGS_PER_ITEM")
+WORKER_ENVIRONMENT = ("LM_GYM_FEEDBACK_DB", "LM_GYM_FEEDBACK_RATINGS_PER_ITEM")
 
 
 def app_from_environment() -> FastAPI:
-    """The app configured by the environment variables :data:`ENVIRONMENT` (database URL, admin token,
-    ratings per item): the factory each uvicorn worker process calls under ``serve --workers N``."""
-    missing = [name for name in ENVIRONMENT if not os.environ.get(name)]
+    """The app configured by the environment variables :data:`WORKER_ENVIRONMENT` (database URL, ratings per
+    item) and the database's admin token: the factory each uvicorn worker process calls under
+    ``serve --workers N``."""
+    missing = [name for name in WORKER_ENVIRONMENT if not os.environ.get(name)]
     if missing:
         raise RuntimeError(f"app_from_environment needs the environment variables {missing}")
-    db, token, per_item = (os.environ[name] for name in ENVIRONMENT)
-    return create_app(FeedbackStore(db), token, int(per_item))
+    db, per_item = (os.environ[name] for name in WORKER_ENVIRONMENT)
+    return create_app(FeedbackStore(db), None, int(per_item))
 
 
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
