@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lm_gym.feedback import api, pages
 from lm_gym.feedback.auth import Settings
+from lm_gym.feedback.group_commit import GroupCommit
 from lm_gym.feedback.store import FeedbackStore, hash_token
 
 MAX_BODY_BYTES = 1_000_000
@@ -35,6 +36,7 @@ def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per
     app = FastAPI(title="lm-gym feedback", version="1", description="Rate and compare model responses; "
                   "the ratings feed lm-gym's FeedbackReward, load_feedback and load_preferences.")
     app.state.settings = Settings(store, admin_hash, ratings_per_item)
+    app.state.group_commit = GroupCommit(store)
     app.include_router(api.router)
     app.include_router(pages.router)
     app.add_middleware(Guard)
