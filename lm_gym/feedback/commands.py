@@ -76,13 +76,13 @@ def run_serve(args) -> int:
     print(f"API schema: {base}/openapi.json", flush=True)
     if args.workers == 1:
         uvicorn.run(create_app(store, None, args.ratings_per_item), host=args.host, port=args.port,
-                    log_level="warning")
+                    log_level="warning", access_log=False)  # at "warning" the access log shows nothing anyway
         return 0
     url = store.engine.url.render_as_string(hide_password=False)
     store.close()
     os.environ.update(zip(WORKER_ENVIRONMENT, (url, str(args.ratings_per_item))))
     uvicorn.run("lm_gym.feedback.web:app_from_environment", factory=True, workers=args.workers, host=args.host,
-                port=args.port, log_level="warning")
+                port=args.port, log_level="warning", access_log=False)
     return 0
 
 
