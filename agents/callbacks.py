@@ -42,3 +42,22 @@ class SampleResponsesCallback(BaseCallback):
         lines += [f"- **{prompt}**\n  {response.strip()}" for prompt, response in record["samples"]]
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n\n")
+
+
+class RefreshRewardCallback(BaseCallback):
+    """At the start of every rollout, let the env's reward take in data that arrived since the last one
+    (:meth:`lm_gym.rewards.Reward.refresh`: a live feedback store's new ratings); within a rollout the
+    reward stays fixed, so its scores do not depend on when in the rollout an episode ended.
+
+    :param env: the training env (an ``SB3VecEnv``), whose reward is refreshed.
+    """
+
+    def __init__(self, env):
+        super().__init__()
+        self.env = env
+
+    def _on_rollout_start(self) -> None:
+        self.env.reward.refresh()
+
+    def _on_step(self) -> bool:
+        return True

@@ -18,9 +18,11 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
 
     Returns the mean reward with its standard error, the mean of each component and its standard error,
     the KL to the reference, the mean response length in characters, the fraction of responses that ended
-    on their own (stop token, not the length limit), and the (prompt, response) samples.
+    on their own (stop token, not the length limit), and the (prompt, response) samples. The env's reward is
+    refreshed first (:meth:`lm_gym.rewards.Reward.refresh`).
     """
     agent.policy.set_training_mode(False)
+    env.reward.refresh()  # an evaluation is a rollout: the reward takes in new data before it, not during it
     torch.manual_seed(seed)
     env.seed(seed)
     env.set_options([{"prompt": prompt} for prompt in prompts])

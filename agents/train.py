@@ -31,6 +31,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from agents import distributed
+from agents.callbacks import RefreshRewardCallback
 from agents.evaluation import evaluate
 from agents.export import export_pretrained
 from agents.ppo import LMPPO
@@ -273,7 +274,8 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
 
 
 def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int) -> None:
-    """One rollout + PPO epochs, reseeded from (seed, iteration) with fresh episodes.
+    """One rollout + PPO epochs, reseeded from (seed, iteration) with fresh episodes; the reward takes in new
+    data (a live feedback store's ratings) as the rollout starts.
 
     Data-parallel, rank r's rows take the env seeds that rows r·n ... of a single process with all
     ``config.num_envs`` rows would take, and its own sampling seed.
@@ -283,7 +285,7 @@ def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration
     env.seed(config.seed * 100_003 + iteration * config.num_envs + rank * env.num_envs)
     agent.reset_episodes()
     agent.learn(total_timesteps=config.max_new_tokens * config.num_envs, reset_num_timesteps=False,
-                tb_log_name="lmppo")
+                tb_log_name="lmppo", callback=RefreshRewardCallback(env))
 
 
 def _save_state(run_dir: Path, agent: LMPPO, state: dict) -> None:

@@ -105,11 +105,12 @@ async def run_load(server: AppServer, tokens: list[str], items: list[int], kill_
     return result
 
 
-def measure(db_url: str, clients: int, ratings: int) -> tuple[LoadResult, int]:
-    """One timed run on a fresh database; return the result and the ratings the database then holds."""
+def measure(db_url: str, clients: int, ratings: int, workers: int = 1) -> tuple[LoadResult, int]:
+    """One timed run on a fresh database against ``workers`` server processes; return the result and the
+    ratings the database then holds."""
     store = FeedbackStore(db_url)
     tokens, items = prepare(store, clients, ratings)
-    server = AppServer(db_url, ADMIN)
+    server = AppServer(db_url, ADMIN, workers=workers)
     server.start()
     try:
         result = asyncio.run(run_load(server, tokens, items))
@@ -124,16 +125,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--ratings", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (serve --workers)")
     args = parser.parse_args()
     print(f"machine: {describe_machine()}")
     print(f"{args.clients} concurrent clients, {args.ratings} ratings (every tenth request sent twice), "
-          "one uvicorn worker, client and server on the same machine\n")
+          f"{args.workers} uvicorn worker(s), client and server on the same machine\n")
     print("| database | ratings stored | requests | seconds | ratings/s |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as directory, postgres_cluster() as postgres:
         for name, url in [("SQLite (WAL)", f"sqlite:///{Path(directory) / 'load.db'}"),
                           ("PostgreSQL 15 (loopback)", create_database(postgres, "load"))]:
-            result, stored = measure(url, args.clients, args.ratings)
+            result, stored = measure(url, args.clients, args.ratings, args.workers)
             print(f"| {name} | {stored} | {result.requests} | {result.seconds:.2f} | {result.per_second:.0f} |")
 
 

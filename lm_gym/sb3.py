@@ -45,6 +45,11 @@ class SB3VecEnv(VecEnv):
         return self.venv.tokenizer
 
     @property
+    def reward(self):
+        """The env's reward (bound to its reference)."""
+        return self.venv.episodes.reward
+
+    @property
     def reference(self):
         """The env's :class:`lm_gym.reference.ReferenceModel`."""
         return self.venv.reference

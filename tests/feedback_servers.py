@@ -74,9 +74,9 @@ def create_database(base_url: str, name: str) -> str:
 
 class AppServer:
     """``lm-gym feedback serve`` in a subprocess on a free port; ``kill()`` it with SIGKILL and ``start()``
-    it again on the same port and database."""
+    it again on the same port and database. ``admin_token=None`` leaves out ``--admin-token``."""
 
-    def __init__(self, db_url: str, admin_token: str, ratings_per_item: int = 3, workers: int = 1):
+    def __init__(self, db_url: str, admin_token: str | None, ratings_per_item: int = 3, workers: int = 1):
         self.db_url, self.admin_token, self.ratings_per_item = db_url, admin_token, ratings_per_item
         self.workers = workers
         self.port = free_port()
@@ -87,8 +87,8 @@ class AppServer:
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agents.cli", "feedback", "serve", "--db", self.db_url, "--port", str(self.port),
-             "--admin-token", self.admin_token, "--ratings-per-item", str(self.ratings_per_item),
-             "--workers", str(self.workers)],
+             "--ratings-per-item", str(self.ratings_per_item), "--workers", str(self.workers),
+             *(["--admin-token", self.admin_token] if self.admin_token else [])],
             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

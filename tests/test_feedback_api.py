@@ -1,14 +1,17 @@
 """The HTTP API and the form posts on both databases: authentication, validation (a 4xx naming what was
 wrong, nothing written), idempotent retries, CSRF, escaping and the published OpenAPI schema."""
 
+import json
 import re
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from lm_gym.feedback.schema import Rating, Signal
-from lm_gym.feedback.store import NewItem
+from lm_gym.feedback.store import FeedbackStore, NewItem, hash_token
 from lm_gym.feedback.web import create_app
+from tests.feedback_servers import AppServer
 
 ADMIN = "admin-token-for-tests-0123456789"
 
@@ -192,3 +195,59 @@ def test_oversized_bodies_and_out_of_range_ids_are_refused(app_setup):
     sign_in(client, ids["ann"])
     assert client.post(f"/rate/{2**31}", data={"choice": "good", "csrf": "x", "shown": "y"}).status_code == 422
     assert store.count(Rating) == 0
+
+
+def _chunks(body: bytes, size: int):
+    """``body`` as an iterable of ``size``-byte pieces: httpx sends it chunked, without Content-Length."""
+    return (body[start:start + size] for start in range(0, len(body), size))
+
+
+def test_chunked_bodies_count_against_the_size_limit(feedback_store, store_url):
+    (item,) = feedback_store.add_items([NewItem("Say hi", "Hi!")])
+    _, token = feedback_store.invite("ann")
+    server = AppServer(store_url, ADMIN)
+    server.start()
+    huge_body = json.dumps({"item_id": item, "value": 1, "comment": "x" * 1_200_000}).encode()
+    try:
+        with httpx.Client(base_url=server.url, headers={**bearer(token), "Content-Type": "application/json"}) as http:
+            huge = http.post("/api/ratings", content=_chunks(huge_body, 65_536))
+            small = http.post("/api/ratings", content=_chunks(json.dumps({"item_id": item, "value": 1}).encode(), 7))
+    finally:
+        server.stop()
+    assert huge.request.headers["transfer-encoding"] == "chunked" and "content-length" not in huge.request.headers
+    assert huge.status_code == 413
+    assert huge.json()["detail"] == ("request body (streamed without Content-Length) over the limit; "
+                                     "the limit is 1000000 bytes")
+    assert small.status_code == 201 and small.request.headers["transfer-encoding"] == "chunked"
+    assert [(r.item_id, r.value) for r in feedback_store.ratings()] == [(item, 1.0)]  # the huge one wrote nothing
+
+
+def _admin_line(server: AppServer) -> str:
+    """The admin line that ``serve`` printed (its second line)."""
+    return [server.process.stdout.readline() for _ in range(3)][1].strip()
+
+
+def _admin_answer(server: AppServer, token: str) -> int:
+    return httpx.get(f"{server.url}/a/{token}", follow_redirects=False).status_code
+
+
+def test_admin_token_is_made_once_kept_across_restarts_or_given(store_url, monkeypatch):
+    monkeypatch.delenv("LM_GYM_FEEDBACK_ADMIN_TOKEN", raising=False)
+    server = AppServer(store_url, None)
+    server.start()
+    try:
+        made = _admin_line(server).removeprefix(f"admin: {server.url}/a/")
+        server.stop()
+        server.start()  # a restart keeps the token: the link printed first still works, and is not printed again
+        assert _admin_line(server).startswith("admin: the link printed when this database's admin token was made")
+        assert _admin_answer(server, made) == 303 and _admin_answer(server, made + "x") == 403
+        server.stop()
+        monkeypatch.setenv("LM_GYM_FEEDBACK_ADMIN_TOKEN", "admin-token-from-the-environment")
+        server.start()  # a given token replaces the database's
+        assert _admin_line(server) == f"admin: {server.url}/a/admin-token-from-the-environment"
+        assert _admin_answer(server, "admin-token-from-the-environment") == 303 and _admin_answer(server, made) == 403
+    finally:
+        server.stop()
+    store = FeedbackStore(store_url)
+    assert len(made) >= 30 and store.admin_token_hash() == hash_token("admin-token-from-the-environment")
+    store.close()

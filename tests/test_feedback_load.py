@@ -3,9 +3,13 @@ tenth request retried with its idempotency key), the server is killed (SIGKILL) 
 afterwards the database holds exactly the 5,000 ratings: every acknowledged one, none twice."""
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 
 from benchmarks.feedback_load import ADMIN, prepare, run_load
-from lm_gym.feedback.schema import Rating
+from lm_gym.feedback.schema import Item, Rating, Signal
 from lm_gym.feedback.store import FeedbackStore
 from tests.feedback_servers import AppServer
 
@@ -43,3 +47,31 @@ def test_several_worker_processes_share_one_database(tmp_path):
         server.stop()
     assert len(result.acknowledged) == 40 == store.count(Rating)
     assert {r.idempotency_key for r in store.ratings()} == result.acknowledged
+
+
+def test_concurrent_signals_for_new_responses_add_each_item_once(store_url):
+    """Eight applications' users like the same ten new responses at the same moment: each response becomes
+    one item, and every signal is stored and points at it."""
+    store = FeedbackStore(store_url)
+    key = store.invite("shop", role="app")[1]
+    server = AppServer(store_url, ADMIN)
+    server.start()
+    responses, barrier = [f"answer {i}" for i in range(10)], threading.Barrier(8)
+
+    def like_all(user: int) -> list[int]:
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": key}) as http:
+            barrier.wait()
+            answers = [http.post("/api/signals", json={"prompt": "Hi", "response": response, "signal": "like",
+                                                       "user": f"user-{user}"}) for response in responses]
+        assert [answer.status_code for answer in answers] == [201] * 10, [a.text for a in answers]
+        return [answer.json()["item_id"] for answer in answers]
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            item_ids = list(pool.map(like_all, range(8)))
+    finally:
+        server.stop()
+    assert store.count(Item) == 10 and store.count(Signal) == 80
+    assert all(ids == item_ids[0] for ids in item_ids) and len(set(item_ids[0])) == 10
+    assert sorted(item.response_a for item in store.items()) == sorted(responses)
+    store.close()

@@ -1,13 +1,15 @@
 """The feedback store on SQLite and on a real PostgreSQL server: schema version, tokens, the queue, judgements
-and their idempotency."""
+and their idempotency, judgements stored together (record_many, group commit)."""
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from lm_gym.feedback.schema import SCHEMA_VERSION, Meta, Rating, Signal
-from lm_gym.feedback.store import Conflict, FeedbackStore, NewItem, NotFound, StoreError
+from lm_gym.feedback.group_commit import GroupCommit
+from lm_gym.feedback.store import Conflict, FeedbackStore, JudgementRequest, NewItem, NotFound, StoreError
 
 
 def test_schema_version_is_recorded_and_a_newer_one_refused(store_url):
@@ -20,7 +22,7 @@ def test_schema_version_is_recorded_and_a_newer_one_refused(store_url):
     with again.writes.begin() as session:
         session.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION + 1)))
     again.close()
-    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}; this lm-gym reads version"):
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than the version {SCHEMA_VERSION} this lm-gym knows"):
         FeedbackStore(store_url)
 
 
@@ -124,3 +126,41 @@ def test_signals_add_the_item_once_and_are_idempotent(feedback_store):
     assert feedback_store.item(first.item_id).source == "signal"
     with pytest.raises(StoreError, match="signal='love'"):
         feedback_store.record_signal(app, "Hi", "Hello!", "love")
+
+
+def test_record_many_sorts_out_each_judgement_of_one_transaction(feedback_store):
+    single, other, pair = feedback_store.add_items([NewItem("p", "a"), NewItem("p", "b"), NewItem("p", "x", "y")])
+    ann, bob = feedback_store.invite("ann")[0], feedback_store.invite("bob")[0]
+    outcomes = feedback_store.record_many([
+        JudgementRequest(ann, single, "single", 1.0, "ok", idempotency_key="k-1"),
+        JudgementRequest(ann, single, "single", 1.0, "ok", idempotency_key="k-1"),  # its retry, in the same batch
+        JudgementRequest(ann, single, "single", -1.0, idempotency_key="k-2"),  # a second judgement of the item
+        JudgementRequest(bob, single, "single", 1.0, "a\x00b"),
+        JudgementRequest(bob, 999, "single", 1.0),
+        JudgementRequest(bob, pair, "single", 1.0),
+        JudgementRequest(bob, other, "skip", None),
+    ])
+    (first, created), (retry, created_again) = outcomes[0], outcomes[1]
+    assert created and not created_again and retry.id == first.id
+    assert isinstance(outcomes[2], Conflict) and "already judged item" in str(outcomes[2])
+    assert "NUL character" in str(outcomes[3]) and isinstance(outcomes[4], NotFound)
+    assert "it takes a comparison" in str(outcomes[5])
+    assert outcomes[6][1] and outcomes[6][0].value is None  # the refused ones did not hold it back
+    assert [(r.rater_id, r.item_id, r.value) for r in feedback_store.ratings()] == [(ann, single, 1.0), (bob, other, None)]
+
+
+def test_group_commit_stores_concurrent_requests_in_few_transactions(feedback_store):
+    items = feedback_store.add_items([NewItem("p", f"r{i}") for i in range(100)])
+    rater = feedback_store.invite("ann")[0]
+    commits = []
+    event.listen(feedback_store.engine, "commit", lambda connection: commits.append(1))
+    group = GroupCommit(feedback_store)
+
+    async def post_all():
+        return await asyncio.gather(*(group.record(JudgementRequest(rater, item, "single", 1.0, idempotency_key=f"k{item}"))
+                                      for item in items + items[:10]))  # ten retries among them
+
+    results = asyncio.run(post_all())
+    assert feedback_store.count(Rating) == 100 and sum(created for _, created in results) == 100
+    assert [rating.item_id for rating, _ in results] == items + items[:10]
+    assert len(commits) <= 5  # one transaction per batch, not one per request

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lm_gym.feedback.auth import app_from_key, rater_from_bearer, require_admin, settings_of
 from lm_gym.feedback.quality import feedback_stats
 from lm_gym.feedback.schema import Item, Rater
-from lm_gym.feedback.store import StoreError
+from lm_gym.feedback.store import JudgementRequest, StoreError
 
 MAX_COMMENT = 2000
 MAX_TEXT = 100_000
@@ -100,30 +100,32 @@ def next_item(request: Request, rater: Rater = Depends(rater_from_bearer)):
 
 
 @router.post("/ratings", response_model=Judgement, status_code=201)
-def post_rating(body: RatingIn, request: Request, response: Response, rater: Rater = Depends(rater_from_bearer),
-                key: str | None = IdempotencyKey):
+async def post_rating(body: RatingIn, request: Request, response: Response, rater: Rater = Depends(rater_from_bearer),
+                      key: str | None = IdempotencyKey):
     """Rate a single-response item +1 or -1."""
-    return _judge(request, response, rater, body.item_id, "single", float(body.value), body.comment, body.seconds, key)
+    return await _judge(request, response, JudgementRequest(rater.id, body.item_id, "single", float(body.value),
+                                                            body.comment, body.seconds, key))
 
 
 @router.post("/comparisons", response_model=Judgement, status_code=201)
-def post_comparison(body: ComparisonIn, request: Request, response: Response,
-                    rater: Rater = Depends(rater_from_bearer), key: str | None = IdempotencyKey):
+async def post_comparison(body: ComparisonIn, request: Request, response: Response,
+                          rater: Rater = Depends(rater_from_bearer), key: str | None = IdempotencyKey):
     """Compare the two responses of a pair: ``a`` better, ``b`` better or ``tie``."""
-    return _judge(request, response, rater, body.item_id, "pair", CHOICES[body.choice], body.comment,
-                  body.seconds, key)
+    return await _judge(request, response, JudgementRequest(rater.id, body.item_id, "pair", CHOICES[body.choice],
+                                                            body.comment, body.seconds, key))
 
 
 @router.post("/skips", response_model=Judgement, status_code=201)
-def post_skip(body: SkipIn, request: Request, response: Response, rater: Rater = Depends(rater_from_bearer),
-              key: str | None = IdempotencyKey):
+async def post_skip(body: SkipIn, request: Request, response: Response, rater: Rater = Depends(rater_from_bearer),
+                    key: str | None = IdempotencyKey):
     """Skip an item: it is not shown to this rater again and counts as no judgement."""
-    return _judge(request, response, rater, body.item_id, "skip", None, "", None, key)
+    return await _judge(request, response, JudgementRequest(rater.id, body.item_id, "skip", None, "", None, key))
 
 
-def _judge(request, response, rater, item_id, kind, value, comment, seconds, key) -> Judgement:
+async def _judge(request: Request, response: Response, judgement: JudgementRequest) -> Judgement:
+    """Store the judgement with the others arriving now (:class:`~lm_gym.feedback.group_commit.GroupCommit`)."""
     try:
-        rating, created = settings_of(request).store.record(rater.id, item_id, kind, value, comment, seconds, key)
+        rating, created = await request.app.state.group_commit.record(judgement)
     except StoreError as err:
         raise HTTPException(err.status, str(err)) from err
     response.status_code = 201 if created else 200

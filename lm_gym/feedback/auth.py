@@ -16,7 +16,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from lm_gym.feedback.schema import Rater
-from lm_gym.feedback.store import FeedbackStore
+from lm_gym.feedback.store import FeedbackStore, hash_token
 
 RATER_COOKIE = "lm_gym_rater"
 ADMIN_COOKIE = "lm_gym_admin"
@@ -30,12 +30,12 @@ class Settings:
     """What the app is configured with.
 
     :param store: the feedback store.
-    :param admin_token: the secret of the admin pages and admin API.
+    :param admin_token_hash: the SHA-256 of the secret of the admin pages and admin API.
     :param ratings_per_item: judgements wanted per item before it leaves the queue.
     """
 
     store: FeedbackStore
-    admin_token: str
+    admin_token_hash: str
     ratings_per_item: int = 3
 
 
@@ -73,7 +73,7 @@ async def require_admin(request: Request, credentials: HTTPAuthorizationCredenti
 
 
 def is_admin_token(request: Request, token: str | None) -> bool:
-    return bool(token) and hmac.compare_digest(token.encode(), settings_of(request).admin_token.encode())
+    return bool(token) and hmac.compare_digest(hash_token(token).encode(), settings_of(request).admin_token_hash.encode())
 
 
 def rater_from_cookie(request: Request) -> Rater | None:

@@ -9,6 +9,8 @@ import secrets
 
 from lm_gym.models import cache_dir
 
+ADMIN_TOKEN_VARIABLE = "LM_GYM_FEEDBACK_ADMIN_TOKEN"
+
 
 def add_feedback_commands(commands) -> None:
     """Add the ``feedback`` command group to the ``lm-gym`` parser's subcommands."""
@@ -49,7 +51,10 @@ def _add_serve(group, database) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--ratings-per-item", type=int, default=3, help="judgements wanted per item (default 3)")
-    serve.add_argument("--admin-token", help="the admin secret (default: a new random one each start)")
+    serve.add_argument("--admin-token", help=f"the admin secret, at least 16 characters (default: ${ADMIN_TOKEN_VARIABLE}; "
+                       "else the database's, made and printed on the first start)")
+    serve.add_argument("--new-admin-token", action="store_true", help="replace the database's admin token with a "
+                       "new one and print it")
     serve.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     serve.set_defaults(handler=run_serve)
 
@@ -58,27 +63,42 @@ def run_serve(args) -> int:
     """Start the app with uvicorn (``--workers`` processes); print its address and the admin link."""
     import uvicorn
 
-    from lm_gym.feedback.web import ENVIRONMENT, create_app
+    from lm_gym.feedback.web import WORKER_ENVIRONMENT, create_app
 
     if args.workers < 1 or args.ratings_per_item < 1:
         raise ValueError("--workers and --ratings-per-item must be >= 1")
-    store = open_store(args)  # creates or checks the schema once, before any worker starts
-    token = args.admin_token or secrets.token_urlsafe(24)
+    store = open_store(args)  # creates or migrates the schema once, before any worker starts
     base = f"http://{args.host}:{args.port}"
+    admin = admin_line(store, args.admin_token or os.environ.get(ADMIN_TOKEN_VARIABLE), args.new_admin_token, base)
     print(f"lm-gym feedback on {base} (database {store.engine.url.render_as_string(hide_password=True)}, "
           f"schema version {store.schema_version()}, {args.workers} worker(s))")
-    print(f"admin: {base}/a/{token}")
+    print(admin)
     print(f"API schema: {base}/openapi.json", flush=True)
     if args.workers == 1:
-        uvicorn.run(create_app(store, token, args.ratings_per_item), host=args.host, port=args.port,
-                    log_level="warning")
+        uvicorn.run(create_app(store, None, args.ratings_per_item), host=args.host, port=args.port,
+                    log_level="warning", access_log=False)  # at "warning" the access log shows nothing anyway
         return 0
     url = store.engine.url.render_as_string(hide_password=False)
     store.close()
-    os.environ.update(zip(ENVIRONMENT, (url, token, str(args.ratings_per_item))))
+    os.environ.update(zip(WORKER_ENVIRONMENT, (url, str(args.ratings_per_item))))
     uvicorn.run("lm_gym.feedback.web:app_from_environment", factory=True, workers=args.workers, host=args.host,
-                port=args.port, log_level="warning")
+                port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def admin_line(store, token: str | None, new: bool, base: str) -> str:
+    """Make ``token`` the database's admin token, or a new random one when ``new`` or when the database has
+    none; return the line ``serve`` prints: the admin link when the token was given or made now, else where
+    to find it (the database keeps only the token's hash, so a made token is shown once)."""
+    if token is not None and new:
+        raise ValueError("give --admin-token or --new-admin-token, not both")
+    if token is None and (new or store.admin_token_hash() is None):
+        token = secrets.token_urlsafe(24)
+    if token is None:
+        return ("admin: the link printed when this database's admin token was made (lost it? restart with "
+                "--new-admin-token)")
+    store.set_admin_token(token)
+    return f"admin: {base}/a/{token}"
 
 
 def _add_sample(group, database) -> None:

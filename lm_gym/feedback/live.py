@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -23,36 +22,37 @@ class StoreFeedbackReward(FeedbackReward):
     signals); a compared pair gives both its responses, the preferred one the vote and the other its
     negative (a tie 0), as :func:`lm_gym.data.pairs_to_feedback` does. :meth:`refresh` reads only what was
     stored since the last refresh, embeds only prompts and responses it has not seen, and updates the
-    values of responses that received more votes. Scoring refreshes first when ``poll_seconds`` have passed
-    since the last refresh, so a training run takes in new ratings between reward calls (at most
-    ``poll_seconds`` late). While nothing is rated the reward is 0.
+    values of responses that received more votes. Scoring never reads the store: the index stays as the
+    last refresh left it, so every reward call of a rollout sees the same ratings (the first call refreshes
+    once if nothing has yet). ``lm-gym train`` refreshes at the start of each rollout
+    (:class:`agents.callbacks.RefreshRewardCallback`, through :meth:`lm_gym.rewards.Reward.refresh`); other
+    training loops call :meth:`refresh` between their rollouts. While nothing is rated the reward is 0.
 
     :param url: the store's SQLAlchemy URL.
-    :param poll_seconds: least time between refreshes while scoring (default 0: before every call; a refresh
-        that finds nothing new costs two small queries).
     :param encoder: as for :class:`FeedbackReward` (``"default"``, ``"lm"`` or an encoder object).
     :param top_m: as for :class:`FeedbackReward`.
     :param context_threshold: as for :class:`FeedbackReward`.
     :param similarity: as for :class:`FeedbackReward`.
     """
 
-    def __init__(self, url: str, poll_seconds: float = 0.0, encoder="default", top_m: int = 8,
-                 context_threshold: float = 0.2, similarity="cosine"):
-        if poll_seconds < 0:
-            raise ValueError(f"poll_seconds must be >= 0, got {poll_seconds}")
+    def __init__(self, url: str, encoder="default", top_m: int = 8, context_threshold: float = 0.2,
+                 similarity="cosine"):
         self._configure(encoder, top_m, context_threshold, similarity, "exact", cache=False)
-        self.store, self.poll_seconds = FeedbackStore(url), poll_seconds
+        self.store = FeedbackStore(url)
         self._rows: dict[Row, int] = {}
         self._texts: list[tuple[str, str]] = []  # (prompt, response) per row
         self._votes: list[list[float]] = []
         self._prompt_rows: dict[str, int] = {}
         self._last_rating = self._last_signal = 0
-        self._refreshed_at = -math.inf
+        self.refreshed = False
         self.refreshes: list[dict] = []  # one entry per refresh that found new votes
 
     def refresh(self) -> int:
-        """Take in the votes stored since the last refresh; return how many responses were added or changed."""
-        self._refreshed_at = time.monotonic()
+        """Take in the votes stored since the last refresh; return how many responses were added or changed.
+        Call it between rollouts: scoring uses the index as this leaves it."""
+        if self.encoder is None:
+            raise RuntimeError("StoreFeedbackReward(encoder='lm') must be bound to an LM (the env does this)")
+        self.refreshed = True
         votes = self._new_votes()
         if not votes:
             return 0
@@ -113,9 +113,7 @@ class StoreFeedbackReward(FeedbackReward):
         return [FeedbackExample(p, r, sum(v) / len(v)) for (p, r), v in zip(self._texts, self._votes)]
 
     def __call__(self, prompts, responses, **context) -> torch.Tensor:
-        if self.encoder is None:
-            raise RuntimeError("StoreFeedbackReward(encoder='lm') must be bound to an LM (the env does this)")
-        if time.monotonic() - self._refreshed_at >= self.poll_seconds:
+        if not self.refreshed:
             self.refresh()
         if self._tables is None:
             return torch.zeros(len(responses))

@@ -1,10 +1,12 @@
 """The feedback database's tables (SQLAlchemy 2.x declarative models) and its schema version.
 
-- ``meta``: key/value settings of the database: ``schema_version`` and the ``secret`` that signs form tokens.
+- ``meta``: key/value settings of the database: ``schema_version``, the ``secret`` that signs form tokens and
+  the SHA-256 of the admin token (``admin_token_hash``).
 - ``raters``: invited people (role ``rater``) and deployed applications (role ``app``); only the SHA-256 of
   each secret token is stored.
 - ``items``: a prompt with one response (``kind="single"``, rated +1/-1) or two (``kind="pair"``, compared);
-  ``gold`` holds a known answer for gold items; ``sampling`` the settings that produced the responses.
+  ``gold`` holds a known answer for gold items; ``sampling`` the settings that produced the responses;
+  ``signal_key`` (unique) the content hash of an item that interaction signals added.
 - ``ratings``: one judgement of one item by one rater (unique per rater and item): ``value`` is +1/-1 for a
   rating, +1 (A better), -1 (B better) or 0 (tie) for a comparison, NULL for a skip.
 - ``signals``: like/dislike/click events that a deployed application reports for a (prompt, response).
@@ -17,7 +19,7 @@ from datetime import datetime, timezone
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # lm_gym.feedback.migrations upgrades older databases
 ROLES = ("rater", "app")
 ITEM_KINDS = ("single", "pair")
 SIGNALS = ("like", "dislike", "click")
@@ -50,6 +52,7 @@ class Rater(Base):
 
 class Item(Base):
     __tablename__ = "items"
+    __table_args__ = (Index("items_by_signal_key", "signal_key", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
@@ -63,6 +66,7 @@ class Item(Base):
     source: Mapped[str] = mapped_column(String(500), default="")
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    signal_key: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class Rating(Base):

@@ -13,12 +13,16 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, func, insert, inspect, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lm_gym.feedback.schema import ITEM_KINDS, ROLES, SCHEMA_VERSION, SIGNALS, Base, Item, Meta, Rater, Rating, Signal
+from lm_gym.feedback.migrations import upgrade
+from lm_gym.feedback.schema import (ITEM_KINDS, ROLES, SCHEMA_VERSION, SIGNALS, Base, Item, Meta, Rater, Rating, Signal,
+                                    utc_now)
 
 
 class StoreError(ValueError):
@@ -63,6 +67,19 @@ class NewItem:
         return "single" if self.response_b is None else "pair"
 
 
+@dataclass(frozen=True)
+class JudgementRequest:
+    """One judgement to store (the arguments of :meth:`FeedbackStore.record`)."""
+
+    rater_id: int
+    item_id: int
+    kind: str
+    value: float | None
+    comment: str = ""
+    seconds: float | None = None
+    idempotency_key: str | None = None
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -104,41 +121,61 @@ def make_engine(url: str) -> Engine:
 
 
 class FeedbackStore:
-    """The feedback database at ``url``, created or checked against :data:`SCHEMA_VERSION` on opening.
+    """The feedback database at ``url``, created at :data:`SCHEMA_VERSION` or migrated to it on opening.
 
     :param url: a SQLAlchemy URL: ``sqlite:///path/feedback.db`` or ``postgresql+psycopg://user@host/db``.
-    :raises StoreError: when the database holds a schema version this code does not know.
+    :raises StoreError: when the database holds a newer schema version than this code knows.
     """
 
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.writes = sessionmaker(self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False)
+        self.write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        self.writes = sessionmaker(self.write_engine, expire_on_commit=False)
         self._raters: dict[str, Rater] = {}  # token hash -> rater: tokens never change
         self._item_kinds: dict[int, str] = {}
+        self._insert_rating = _insert_ignoring_conflicts(self.engine)
         self.secret = self._migrate()
 
     def _migrate(self) -> str:
-        """Create missing tables, record the schema version and the form-signing secret; return the secret."""
-        Base.metadata.create_all(self.engine)
-        with self.writes.begin() as session:
-            version = session.get(Meta, "schema_version")
+        """Create a new database at :data:`SCHEMA_VERSION`, or upgrade an older one step by step
+        (:mod:`lm_gym.feedback.migrations`), in one transaction; keep the form-signing secret; return it."""
+        with self.write_engine.begin() as connection:
+            version = _stored_version(connection)
             if version is None:
-                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(version.value) != SCHEMA_VERSION:
-                raise StoreError(f"{self.url} has feedback schema version {version.value}; this lm-gym reads "
-                                 f"version {SCHEMA_VERSION} (upgrade lm-gym or use another database)")
-            secret = session.get(Meta, "secret")
+                Base.metadata.create_all(connection)
+                connection.execute(insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif version > SCHEMA_VERSION:
+                raise StoreError(f"{self.engine.url.render_as_string()} has feedback schema version {version}, "
+                                 f"newer than the version {SCHEMA_VERSION} this lm-gym knows: a newer lm-gym "
+                                 "wrote it; upgrade lm-gym to use it (or use another database)")
+            elif version < SCHEMA_VERSION:
+                upgrade(connection, version, SCHEMA_VERSION)
+                connection.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+            secret = connection.scalar(select(Meta.value).where(Meta.key == "secret"))
             if secret is None:
-                secret = Meta(key="secret", value=secrets.token_hex(32))
-                session.add(secret)
-            return secret.value
+                secret = secrets.token_hex(32)
+                connection.execute(insert(Meta).values(key="secret", value=secret))
+            return secret
 
     def schema_version(self) -> int:
         """The schema version recorded in the database."""
         with self.sessions() as session:
             return int(session.get(Meta, "schema_version").value)
+
+    def set_admin_token(self, token: str) -> None:
+        """Make ``token`` the admin token (only its SHA-256 is stored), replacing any earlier one."""
+        if len(token) < 16:
+            raise StoreError(f"the admin token must be at least 16 characters, got {len(token)}")
+        with self.writes.begin() as session:
+            session.merge(Meta(key="admin_token_hash", value=hash_token(token)))
+
+    def admin_token_hash(self) -> str | None:
+        """The SHA-256 of the admin token, or None while the database has none."""
+        with self.sessions() as session:
+            row = session.get(Meta, "admin_token_hash")
+            return None if row is None else row.value
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -240,30 +277,63 @@ class FeedbackStore:
         :raises NotFound: no such item. :raises StoreError: the item is of the other kind.
         :raises Conflict: the rater already judged the item, or reused the key for another judgement.
         """
-        check_text("comment", comment)
-        item_kind = self._item_kind(item_id)
-        if kind != "skip" and item_kind != kind:
-            expected = "a rating (+1/-1)" if item_kind == "single" else "a comparison (a/b/tie)"
-            raise StoreError(f"item {item_id} holds {'one response' if item_kind == 'single' else 'two responses'}; "
-                             f"it takes {expected}")
-        with self.writes() as session:  # insert first: a retry is rare, and the unique keys catch it
-            rating = Rating(item_id=item_id, rater_id=rater_id, value=value, comment=comment, seconds=seconds,
-                            idempotency_key=idempotency_key)
-            session.add(rating)
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                return self._after_conflict(session, rater_id, item_id, value, comment, idempotency_key), False
-            return rating, True
+        (outcome,) = self.record_many([JudgementRequest(rater_id, item_id, kind, value, comment, seconds,
+                                                        idempotency_key)])
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
 
-    def _after_conflict(self, session: Session, rater_id, item_id, value, comment, idempotency_key) -> Rating:
-        """A concurrent retry stored the same key first (return it), or the rater had judged the item."""
-        if idempotency_key is not None:
-            stored = _stored_rating(session, rater_id, idempotency_key)
+    def record_many(self, requests: list[JudgementRequest]) -> list[tuple[Rating, bool] | StoreError]:
+        """Store several judgements in one transaction (one INSERT, one commit); return each one's outcome:
+        what :meth:`record` returns for it, or the :class:`StoreError` it raises. A refused judgement does
+        not hold the others back."""
+        rows: list[dict | StoreError] = []
+        for request in requests:
+            try:
+                rows.append(self._rating_row(request))
+            except StoreError as err:
+                rows.append(err)
+        inserted = self._insert_new_ratings([row for row in rows if isinstance(row, dict)])
+        return [self._outcome(row, inserted) for row in rows]
+
+    def _outcome(self, row: dict | StoreError, inserted: dict[tuple, list[int]]) -> tuple[Rating, bool] | StoreError:
+        if isinstance(row, StoreError):
+            return row
+        ids = inserted.get(_signature(row))
+        return (Rating(id=ids.pop(0), **row), True) if ids else self._after_conflict(row)
+
+    def _rating_row(self, request: JudgementRequest) -> dict:
+        """The ``ratings`` row of a judgement that fits its item, or the :class:`StoreError` saying why not."""
+        check_text("comment", request.comment)
+        item_kind = self._item_kind(request.item_id)
+        if request.kind != "skip" and item_kind != request.kind:
+            expected = "a rating (+1/-1)" if item_kind == "single" else "a comparison (a/b/tie)"
+            raise StoreError(f"item {request.item_id} holds {'one response' if item_kind == 'single' else 'two responses'}; "
+                             f"it takes {expected}")
+        return {"item_id": request.item_id, "rater_id": request.rater_id, "value": request.value,
+                "comment": request.comment, "seconds": request.seconds, "idempotency_key": request.idempotency_key,
+                "created_at": utc_now()}
+
+    def _insert_new_ratings(self, rows: list[dict]) -> dict[tuple, list[int]]:
+        """Insert the rows, skipping those a unique key refuses (a retry or a second judgement: sorted out
+        afterwards); return the ids of the inserted ones by :func:`_signature`."""
+        if not rows:
+            return {}
+        inserted: dict[tuple, list[int]] = {}
+        with self.write_engine.begin() as connection:  # insert first: a retry is rare, and the unique keys catch it
+            for rating_id, *signature in connection.execute(self._insert_rating, rows):
+                inserted.setdefault(tuple(signature), []).append(rating_id)
+        return inserted
+
+    def _after_conflict(self, row: dict) -> tuple[Rating, bool] | Conflict:
+        """A retry whose key was stored first (the stored rating), or a second judgement of the item."""
+        rater_id, item_id, key = row["rater_id"], row["item_id"], row["idempotency_key"]
+        if key is not None:
+            with self.sessions() as session:
+                stored = _stored_rating(session, rater_id, key)
             if stored is not None:
-                return _same_request(stored, item_id, value, comment)
-        raise Conflict(f"rater {rater_id} has already judged item {item_id}; each rater judges an item once")
+                return _same_request(stored, item_id, row["value"], row["comment"])
+        return Conflict(f"rater {rater_id} has already judged item {item_id}; each rater judges an item once")
 
     def record_signal(self, app_id: int, prompt, response: str, signal: str, user_ref: str = "",
                       idempotency_key: str | None = None) -> tuple[Signal, bool]:
@@ -285,7 +355,10 @@ class FeedbackStore:
                 session.commit()
             except IntegrityError:
                 session.rollback()
-                return _stored_signal(session, app_id, idempotency_key), False
+                stored = None if idempotency_key is None else _stored_signal(session, app_id, idempotency_key)
+                if stored is None:
+                    raise
+                return stored, False  # a concurrent retry stored the same key first
             return row, True
 
     def ratings(self, after_id: int = 0) -> list[Rating]:
@@ -337,15 +410,29 @@ def _item_row(item: NewItem) -> Item:
 
 
 def _item_for(session: Session, prompt, response: str) -> int:
-    """The id of the single-response item for (prompt, response), added if there is none."""
+    """The id of the single-response item for (prompt, response), added if there is none. Two concurrent
+    signals for a new one both try to add it: the unique ``signal_key`` lets one in, and the other, whose
+    insert fails (inside a savepoint, so its transaction goes on), reads the winner's item."""
     key = content_hash(prompt, response, None)
-    found = session.scalar(select(Item.id).where(Item.content_hash == key, Item.kind == "single").limit(1))
+    found = session.scalar(select(Item.id).where(Item.content_hash == key, Item.kind == "single")
+                           .order_by(Item.id).limit(1))
     if found is not None:
         return found
     row = _item_row(NewItem(prompt, response, source="signal"))
-    session.add(row)
-    session.flush()
+    row.signal_key = key
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        return session.scalar(select(Item.id).where(Item.signal_key == key))
     return row.id
+
+
+def _stored_version(connection: Connection) -> int | None:
+    """The schema version a database records; None for a new database (no ``meta`` table)."""
+    if not inspect(connection).has_table("meta"):
+        return None
+    return int(connection.scalar(select(Meta.value).where(Meta.key == "schema_version")))
 
 
 def _stored_rating(session: Session, rater_id: int, key: str) -> Rating | None:
@@ -356,9 +443,23 @@ def _stored_signal(session: Session, app_id: int, key: str) -> Signal | None:
     return session.scalar(select(Signal).where(Signal.app_id == app_id, Signal.idempotency_key == key))
 
 
-def _same_request(stored: Rating, item_id: int, value, comment: str) -> Rating:
-    """The stored rating for a retried key, or a :class:`Conflict` when the key came with another request."""
+def _same_request(stored: Rating, item_id: int, value, comment: str) -> tuple[Rating, bool] | Conflict:
+    """``(stored, False)`` for a retried key, or a :class:`Conflict` when the key came with another request."""
     if (stored.item_id, stored.value, stored.comment) != (item_id, value, comment):
-        raise Conflict(f"Idempotency-Key was already used for another judgement (item {stored.item_id}); "
-                       "send a new key for a new judgement")
-    return stored
+        return Conflict(f"Idempotency-Key was already used for another judgement (item {stored.item_id}); "
+                        "send a new key for a new judgement")
+    return stored, False
+
+
+SIGNATURE = ("rater_id", "item_id", "idempotency_key", "value", "comment")  # what tells two judgements apart
+
+
+def _signature(row: dict) -> tuple:
+    return tuple(row[name] for name in SIGNATURE)
+
+
+def _insert_ignoring_conflicts(engine: Engine):
+    """``INSERT INTO ratings ... ON CONFLICT DO NOTHING RETURNING id, <SIGNATURE>`` in the engine's dialect."""
+    dialect_insert = sqlite_insert if engine.dialect.name == "sqlite" else postgresql_insert
+    table = Rating.__table__
+    return dialect_insert(table).on_conflict_do_nothing().returning(table.c.id, *(table.c[n] for n in SIGNATURE))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import secrets
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from lm_gym.feedback import api, pages
 from lm_gym.feedback.auth import Settings
-from lm_gym.feedback.store import FeedbackStore
+from lm_gym.feedback.group_commit import GroupCommit
+from lm_gym.feedback.store import FeedbackStore, hash_token
 
 MAX_BODY_BYTES = 1_000_000
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -22,16 +22,21 @@ def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per
     """The rating app over ``store``.
 
     :param store: the feedback store.
-    :param admin_token: the admin secret (default: a fresh random one, in ``app.state.settings.admin_token``).
+    :param admin_token: the admin secret (at least 16 characters); default: the admin token whose hash the
+        database keeps (``lm-gym feedback serve`` makes one, or stores the one it is given).
     :param ratings_per_item: judgements wanted per item (>= 1) before it leaves the queue.
     """
     if ratings_per_item < 1:
         raise ValueError(f"ratings_per_item must be >= 1, got {ratings_per_item}")
     if admin_token is not None and len(admin_token) < 16:
         raise ValueError("the admin token must be at least 16 characters")
+    admin_hash = store.admin_token_hash() if admin_token is None else hash_token(admin_token)
+    if admin_hash is None:
+        raise ValueError("the database has no admin token yet: pass admin_token (lm-gym feedback serve makes one)")
     app = FastAPI(title="lm-gym feedback", version="1", description="Rate and compare model responses; "
                   "the ratings feed lm-gym's FeedbackReward, load_feedback and load_preferences.")
-    app.state.settings = Settings(store, admin_token or secrets.token_urlsafe(24), ratings_per_item)
+    app.state.settings = Settings(store, admin_hash, ratings_per_item)
+    app.state.group_commit = GroupCommit(store)
     app.include_router(api.router)
     app.include_router(pages.router)
     app.add_middleware(Guard)
@@ -50,17 +55,18 @@ def create_app(store: FeedbackStore, admin_token: str | None = None, ratings_per
     return app
 
 
-ENVIRONMENT = ("LM_GYM_FEEDBACK_DB", "LM_GYM_FEEDBACK_ADMIN_TOKEN", "LM_GYM_FEEDBACK_RATINGS_PER_ITEM")
+WORKER_ENVIRONMENT = ("LM_GYM_FEEDBACK_DB", "LM_GYM_FEEDBACK_RATINGS_PER_ITEM")
 
 
 def app_from_environment() -> FastAPI:
-    """The app configured by the environment variables :data:`ENVIRONMENT` (database URL, admin token,
-    ratings per item): the factory each uvicorn worker process calls under ``serve --workers N``."""
-    missing = [name for name in ENVIRONMENT if not os.environ.get(name)]
+    """The app configured by the environment variables :data:`WORKER_ENVIRONMENT` (database URL, ratings per
+    item) and the database's admin token: the factory each uvicorn worker process calls under
+    ``serve --workers N``."""
+    missing = [name for name in WORKER_ENVIRONMENT if not os.environ.get(name)]
     if missing:
         raise RuntimeError(f"app_from_environment needs the environment variables {missing}")
-    db, token, per_item = (os.environ[name] for name in ENVIRONMENT)
-    return create_app(FeedbackStore(db), token, int(per_item))
+    db, per_item = (os.environ[name] for name in WORKER_ENVIRONMENT)
+    return create_app(FeedbackStore(db), None, int(per_item))
 
 
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
@@ -68,8 +74,9 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy"
 
 
 class Guard:
-    """ASGI middleware: refuse bodies over :data:`MAX_BODY_BYTES` (413, by their Content-Length) and add the
-    security headers to every answer (the Content-Security-Policy everywhere but Swagger UI's ``/docs``)."""
+    """ASGI middleware: refuse bodies over :data:`MAX_BODY_BYTES` with a 413 (by their Content-Length, or, for
+    a body streamed without one, as it arrives) and add the security headers to every answer (the
+    Content-Security-Policy everywhere but Swagger UI's ``/docs``)."""
 
     def __init__(self, app):
         self.app = app
@@ -79,9 +86,13 @@ class Guard:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            refusal = JSONResponse({"detail": f"request body of {length.decode(errors='replace')} bytes; the limit "
-                                              f"is {MAX_BODY_BYTES}"}, status_code=413)
-            return await refusal(scope, receive, send)
+            return await _too_large(f"request body of {length.decode(errors='replace')} bytes")(scope, receive, send)
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await _read_body(receive)
+            if body is None:
+                return await _too_large("request body (streamed without Content-Length) over the limit")(
+                    scope, receive, send)
+            receive = _replay(body, receive)
         extra = SECURITY_HEADERS
         if not scope["path"].startswith("/docs"):  # Swagger UI loads its own scripts
             extra = extra + [(b"content-security-policy", CONTENT_SECURITY_POLICY.encode())]
@@ -92,3 +103,33 @@ class Guard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _too_large(what: str) -> JSONResponse:
+    return JSONResponse({"detail": f"{what}; the limit is {MAX_BODY_BYTES} bytes"}, status_code=413)
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole body of a request streamed without Content-Length (chunked), or None as soon as it passes
+    :data:`MAX_BODY_BYTES` (the rest is never read)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away: the app sees an empty body
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY_BYTES:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that gives the app ``body`` in one message, then defers to ``receive``."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed

@@ -44,6 +44,10 @@ class Reward:
         """Called by the env with its :class:`lm_gym.reference.ReferenceModel`, for rewards that score with the
         reference LM (judge, fluency, LM encoder); others ignore it."""
 
+    def refresh(self) -> None:
+        """Called between rollouts (never during one), for rewards over data that grows while training runs
+        (a live feedback store takes in new ratings here); others ignore it."""
+
 
 class FunctionReward(Reward):
     """Wrap a Python function of texts as a reward.

@@ -51,6 +51,11 @@ class WeightedSum(Reward):
         for reward in self.rewards:
             reward.bind(reference)
 
+    def refresh(self) -> None:
+        """Refresh every component (between rollouts)."""
+        for reward in self.rewards:
+            reward.refresh()
+
     def evaluate(self, prompts, responses, **context) -> RewardOutput:
         """Score every component once; return the weighted total and the raw components."""
         total, components = torch.zeros(len(responses)), {}
