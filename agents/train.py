@@ -55,7 +55,7 @@ class TrainConfig:
     max_new_tokens: int = 64
     max_prompt_tokens: int = 96
     num_envs: int = 32
-    iterations: int = 10
+    iterations: int = 6
     learning_rate: float | None = None
     value_learning_rate: float = 1e-3
     n_epochs: int = 2
