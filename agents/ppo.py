@@ -200,6 +200,7 @@ class LMPPO(PPO):
                         return False
                     self._record(collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos)
                 obs, steps = new_obs, steps + 1
+        cache.reset()  # the acting copy and its KV caches go now, not when the callback's locals next change
         open_rows = collector.open_rows()
         last_values = self._values_of([{key: value[row] for key, value in obs.items()} for row in open_rows])
         for row, value in zip(open_rows, last_values):

@@ -59,7 +59,7 @@ class TrainConfig:
     learning_rate: float | None = None
     value_learning_rate: float = 1e-3
     n_epochs: int = 2
-    batch_size: int = 256
+    batch_size: int = 128
     kl_coef: float = 0.05
     kl_target: float | None = None
     critic_warmup: int = 1
