@@ -23,9 +23,8 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
 def one_malloc_arena() -> None:
-    """Keep glibc's malloc to one arena for this process (a no-op without glibc). With an arena per torch
-    worker thread, the memory of freed activations stays resident: the default ``lm-gym train`` peaked about
-    0.5 GB higher (``benchmarks/RESULTS.md``)."""
+    """Keep glibc's malloc to one arena for this process (a no-op without glibc): with an arena per torch
+    worker thread, more of the memory of freed activations stays resident (``benchmarks/RESULTS.md``)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -33,9 +33,10 @@ def write_report(run_dir: Path, state: dict) -> None:
     with open(run_dir / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     steps = [int(r["timesteps"]) for r in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    figure, axes = plt.subplots(1, 4, figsize=(17, 3.5))
     for axis, (key, title) in zip(axes, [("rollout/reward_mean", "reward"), ("rollout/kl_per_segment", "KL to reference"),
-                                         ("rollout/response_length", "response length (tokens)")]):
+                                         ("rollout/response_length", "response length (tokens)"),
+                                         ("rollout/eos_rate", "responses that ended (EOS rate)")]):
         axis.plot(steps, [float(r[key]) if r[key] else float("nan") for r in rows], marker="o")
         axis.set_title(title)
         axis.set_xlabel("env steps (tokens)")
