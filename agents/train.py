@@ -127,7 +127,9 @@ class TrainConfig:
         """This config with ``precision`` resolved (``"auto"`` becomes what it picks here) and the learning
         rate's default filled in, and the :class:`lm_gym.precision.Precision` with its reason."""
         precision = resolve_precision(self.precision, self.device)
-        learning_rate = self.learning_rate or (LORA_LEARNING_RATE if self.lora_rank else FULL_LEARNING_RATE)
+        learning_rate = self.learning_rate
+        if learning_rate is None:
+            learning_rate = LORA_LEARNING_RATE if self.lora_rank else FULL_LEARNING_RATE
         return dataclasses.replace(self, precision=precision.name, learning_rate=learning_rate), precision
 
 
@@ -184,7 +186,7 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
         num_envs, model=model, tokenizer=tokenizer, prompts=prompts,
         reward=with_missing_eos_penalty(reward, config.missing_eos_penalty),
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
-        truncate_prompt="left", system_prompt=config.system_prompt or None, device=config.device,
+        truncate_prompt="left", system_prompt=config.system_prompt, device=config.device,
         precision=config.precision,
     )
 
