@@ -8,6 +8,7 @@ from pathlib import Path
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.evaluation import evaluate
+from agents.heap import release_freed_memory
 
 
 class SampleResponsesCallback(BaseCallback):
@@ -58,6 +59,21 @@ class RefreshRewardCallback(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self.env.reward.refresh()
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class ReleaseMemoryCallback(BaseCallback):
+    """Give freed heap memory back to the system as each rollout starts and ends (before the update), so that
+    the resident memory of a long run stays near what it holds live (:func:`agents.heap.release_freed_memory`;
+    a few milliseconds each time)."""
+
+    def _on_rollout_start(self) -> None:
+        release_freed_memory()
+
+    def _on_rollout_end(self) -> None:
+        release_freed_memory()
 
     def _on_step(self) -> bool:
         return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import os
 import subprocess
@@ -14,22 +13,10 @@ from pathlib import Path
 import gymnasium as gym
 import torch
 
+from agents.heap import one_malloc_arena
 import lm_gym
 from lm_gym.feedback.commands import add_feedback_commands
 from lm_gym.sampling import sample_tokens
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def one_malloc_arena() -> None:
-    """Keep glibc's malloc to one arena for this process (a no-op without glibc): with an arena per torch
-    worker thread, more of the memory of freed activations stays resident (``benchmarks/RESULTS.md``)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_ARENA_MAX, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,7 +77,8 @@ class RewardModel:
     def as_reward(self, normalize: bool = True) -> RewardModelReward:
         """This model as an env reward (standardised with its stored statistics by default)."""
         return RewardModelReward(self.model, self.tokenizer, normalize=normalize, max_length=self.max_length,
-                                 device=self.model.device, stats={"mean": self.mean, "std": self.std})
+                                 device=self.model.device, stats={"mean": self.mean, "std": self.std},
+                                 precision=self.precision)
 
 
 def reward_model_from_lm(base="default", tokenizer=None, device=None, seed: int = 0):

@@ -22,6 +22,7 @@ from typing import ClassVar
 from pathlib import Path
 
 import torch
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
 from tqdm import tqdm
 
@@ -31,9 +32,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from agents import distributed
-from agents.callbacks import RefreshRewardCallback
+from agents.callbacks import RefreshRewardCallback, ReleaseMemoryCallback
 from agents.evaluation import evaluate
 from agents.export import export_pretrained
+from agents.heap import release_freed_memory
 from agents.ppo import LMPPO
 from agents.run_report import append_metrics, write_report
 from lm_gym.data import default_prompts, load_prompts
@@ -267,6 +269,7 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
         agent.logger.dump(step=agent.num_timesteps)
     state = {**state, "iteration": config.iterations}
     if main:
+        release_freed_memory()
         state["after"] = evaluate(agent, eval_env, eval_prompts, config.seed)
         _save_state(run_dir, agent, state)
         export_pretrained(agent, run_dir / "model")
@@ -277,7 +280,8 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
 
 def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int) -> None:
     """One rollout + PPO epochs, reseeded from (seed, iteration) with fresh episodes; the reward takes in new
-    data (a live feedback store's ratings) as the rollout starts.
+    data (a live feedback store's ratings) as the rollout starts, and freed heap memory goes back to the
+    system before the rollout and before the update.
 
     Data-parallel, rank r's rows take the env seeds that rows r·n ... of a single process with all
     ``config.num_envs`` rows would take, and its own sampling seed.
@@ -287,7 +291,7 @@ def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration
     env.seed(config.seed * 100_003 + iteration * config.num_envs + rank * env.num_envs)
     agent.reset_episodes()
     agent.learn(total_timesteps=config.max_new_tokens * config.num_envs, reset_num_timesteps=False,
-                tb_log_name="lmppo", callback=RefreshRewardCallback(env))
+                tb_log_name="lmppo", callback=CallbackList([RefreshRewardCallback(env), ReleaseMemoryCallback()]))
 
 
 def _save_state(run_dir: Path, agent: LMPPO, state: dict) -> None:

@@ -12,7 +12,8 @@ a separate model; ``--value-head shared`` puts ours on the policy instead); the 
 model loaded as a one-label sequence classifier with a seeded head, saved once so both sides load the same
 weights; the first N default prompts, chat-formatted by lm_gym and passed to TRL as token ids; responses of
 at most T sampled tokens (temperature 1) that stop at EOS; E epochs of M minibatches, one optimizer step
-each; constant learning rate; fp32 on the CPU. Each side runs a first (warm-up) iteration and a measured
+each; constant learning rate; on the CPU in ``--precision`` (fp32, or bf16: TRL's ``bf16=True``, autocast over
+float32 weights, against lm_gym's bf16 for the env, the policy and the reward model). Each side runs a first (warm-up) iteration and a measured
 one, one side after the other in the same run; the table compares the measured iterations.
 """
 
@@ -103,7 +104,8 @@ def run_trl(args, ids: list[list[int]], reward_dir: Path) -> dict:
     """TRL's iterations in its own interpreter; the worker's JSON line."""
     job = {"model_dir": str(default_model_dir()), "reward_dir": str(reward_dir), "prompts": ids,
            "response_tokens": args.response_tokens, "epochs": args.epochs, "minibatches": args.minibatches,
-           "iterations": ITERATIONS, "learning_rate": args.learning_rate, "temperature": 1.0, "seed": args.seed}
+           "iterations": ITERATIONS, "learning_rate": args.learning_rate, "temperature": 1.0, "seed": args.seed,
+           "bf16": args.precision == "bf16"}
     command = [args.trl_python, str(WORKER)]
     done = subprocess.run(command, input=json.dumps(job), capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -113,14 +115,15 @@ def run_trl(args, ids: list[list[int]], reward_dir: Path) -> dict:
 
 def run_ours(args, prompts: list[str], ids: list[list[int]], reward_dir: Path) -> list[dict]:
     """LMPPO's iterations: each starts every env row on its prompt and runs ``learn()`` for one rollout."""
-    reward = TimedRewardModel(reward_dir, device="cpu")
+    reward = TimedRewardModel(reward_dir, device="cpu", precision=args.precision)
     env = SB3VecEnv(len(prompts), model="default", prompts=prompts, reward=reward, device="cpu",
                     max_new_tokens=args.response_tokens, max_prompt_tokens=max(map(len, ids)),
-                    reference_logprobs=False)
+                    reference_logprobs=False, precision=args.precision)
     tokens = len(prompts) * args.response_tokens
     agent = LMPPO(env=env, n_steps=args.response_tokens, batch_size=tokens // args.minibatches, n_epochs=args.epochs,
                   learning_rate=args.learning_rate, seed=args.seed, device="cpu",
-                  policy_kwargs={"model": "default", "value_head": args.value_head, "device": "cpu"})
+                  policy_kwargs={"model": "default", "value_head": args.value_head, "device": "cpu",
+                                 "precision": args.precision})
     agent.set_logger(configure(None, []))
     optimizer = OptimizerClock(agent.policy.optimizer)
     return [_our_iteration(agent, env, prompts, reward, optimizer) for _ in range(ITERATIONS)]
@@ -149,7 +152,8 @@ def print_report(args, trl: dict, ours: list[dict]) -> None:
     print(f"machine: {describe_machine()}")
     print(f"TRL side: {', '.join(f'{k} {v}' for k, v in trl['versions'].items())} ({trl['threads']} threads)")
     print(f"default model; {args.prompts} prompts, responses of at most {args.response_tokens} tokens (stop at EOS), "
-          f"PPO epochs {args.epochs}, minibatches per epoch {args.minibatches}; value backbone: {args.value_head}\n")
+          f"PPO epochs {args.epochs}, minibatches per epoch {args.minibatches}; value backbone: {args.value_head}; "
+          f"precision {args.precision}\n")
     print("| phase | TRL PPOTrainer s | LMPPO s | ours/TRL |\n|---|---|---|---|")
     rows = [("whole iteration", "iteration_s"), ("rollout (sampling, reference, values, reward)", "rollout_s"),
             ("of which reward model", "reward_model_s"), ("update (PPO epochs)", "update_s"),
@@ -178,6 +182,7 @@ def parse_args():
     parser.add_argument("--minibatches", type=int, default=2, help="minibatches (optimizer steps) per epoch")
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--value-head", choices=("separate", "shared"), default="separate")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both sides' precision")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not args.trl_python:

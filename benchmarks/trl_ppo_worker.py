@@ -2,7 +2,7 @@
 
 Runs inside TRL's own virtual environment and imports nothing from lm_gym. It reads one JSON job from
 stdin (``model_dir``, ``reward_dir``, ``prompts`` as token ids, ``response_tokens``, ``epochs``,
-``minibatches``, ``iterations``, ``learning_rate``, ``temperature``, ``seed``), trains that many PPO iterations
+``minibatches``, ``iterations``, ``learning_rate``, ``temperature``, ``seed``, ``bf16``), trains that many PPO iterations
 (one rollout batch of all prompts and its epochs each) and prints one JSON line: the package versions and,
 per iteration, the seconds of the whole iteration, of its rollout and update phases, of sampling, of the
 reward model and of the optimizer steps, with token counts. TRL's own log lines go to stderr.
@@ -121,7 +121,8 @@ def load_tokenizer(model_dir: str):
 
 
 def ppo_config(job: dict, output_dir: str) -> PPOConfig:
-    """One rollout of all prompts per iteration; ``minibatches`` optimizer steps per epoch; fp32 on the CPU."""
+    """One rollout of all prompts per iteration; ``minibatches`` optimizer steps per epoch; on the CPU, in fp32
+    or (``bf16``) under bf16 autocast over float32 weights."""
     batch = len(job["prompts"])
     return PPOConfig(
         output_dir=output_dir, total_episodes=batch * job["iterations"], per_device_train_batch_size=batch,
@@ -129,7 +130,7 @@ def ppo_config(job: dict, output_dir: str) -> PPOConfig:
         local_rollout_forward_batch_size=batch, response_length=job["response_tokens"], stop_token="eos",
         temperature=job["temperature"], learning_rate=job["learning_rate"], lr_scheduler_type="constant",
         seed=job["seed"], num_sample_generations=0, report_to="none", save_strategy="no", eval_strategy="no",
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, disable_tqdm=True,
+        bf16=job["bf16"], fp16=False, use_cpu=True, gradient_checkpointing=False, disable_tqdm=True,
     )
 
 

@@ -7,7 +7,9 @@ gradients take as much again each. Here an LM runs to its last hidden states (B,
 (:func:`last_hidden_states`); the output head, a float32 log-softmax and the entropy then run over at most
 ``chunk`` positions at a time (:func:`token_logprobs`). With gradients each chunk is checkpointed: backward
 recomputes its logits instead of keeping them, so peak memory is about ``chunk x V`` floats whatever the
-batch size, for one extra pass of the output head.
+batch size, for one extra pass of the output head. Each chunk's rows are padded to a multiple of
+:data:`lm_gym.padding.SHAPE_MULTIPLE` (and the padding's results dropped), so the output head sees few distinct
+shapes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lm_gym.padding import mask_positions
+from lm_gym.padding import SHAPE_MULTIPLE, mask_positions, round_up
 
 CHUNK_POSITIONS = 256  # positions per output-head chunk: 256 x 49,152 float32 logits are 50 MB
 
@@ -99,15 +101,19 @@ def token_logprobs(
         raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
 
     def score(states: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = len(chosen)
+        padding = round_up(rows, SHAPE_MULTIPLE) - rows
+        states = torch.cat([states, states.new_zeros(padding, states.shape[1])])
+        chosen = torch.cat([chosen, chosen.new_zeros(padding)])
         logits = output_logits(model, states)
         logits = logits if temperature == 1.0 else logits / temperature
         logprobs = torch.log_softmax(mask_logits(logits, allowed), dim=-1)
-        chosen_logprob = logprobs.gather(1, chosen[:, None])[:, 0]
+        chosen_logprob = logprobs.gather(1, chosen[:, None])[:rows, 0]
         if not entropy:
             return chosen_logprob, chosen_logprob.new_zeros(())
         # after the chosen log-prob: a recomputation for backward stops before this when it has no gradient
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            return chosen_logprob, -(logprobs.exp() * logprobs).sum(dim=-1)
+            return chosen_logprob, -(logprobs[:rows].exp() * logprobs[:rows]).sum(dim=-1)
 
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     parts = []

@@ -13,6 +13,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from agents import LMPPO, MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
 from agents.advantages import gae, kl_shaped_rewards, masked_whiten
 from lm_gym import LanguageModelEnv
+from lm_gym.padding import SHAPE_MULTIPLE
 from lm_gym.sb3 import SB3VecEnv
 
 
@@ -267,3 +268,21 @@ def test_watchdog_warns_when_kl_runs_away(env):
     agent.set_logger(configure(None, []))
     with pytest.warns(RuntimeWarning, match="KL to the reference"):
         agent.learn(2 * agent.n_steps * agent.n_envs)
+
+
+def test_the_update_runs_the_lm_on_widths_in_multiples_of_the_shape_multiple(env):
+    """Minibatches of segments of any length reach the decoder padded to a multiple of SHAPE_MULTIPLE
+    columns (a CPU builds kernels per shape), and the update still follows the masked tokens only."""
+    agent = make_agent(env, batch_size=6, n_epochs=2, recompute_logprobs=True)
+    collect(agent)
+    widths = []
+    decoder = agent.actor_critic.lm.get_decoder()
+    hook = decoder.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    try:
+        agent.train()
+    finally:
+        hook.remove()
+    segments = agent.rollout.segments
+    assert len({len(s.context) + len(s.tokens) for s in segments}) > 1  # segments of several lengths
+    assert len(widths) > 2 and all(width % SHAPE_MULTIPLE == 0 for width in widths)

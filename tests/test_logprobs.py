@@ -7,6 +7,7 @@ import torch
 from agents import TransformerActorCritic
 from lm_gym.logprobs import check_output_logits, last_hidden_states, next_token_nll, output_logits, token_logprobs
 from lm_gym.models import load_model
+from lm_gym.padding import SHAPE_MULTIPLE
 
 
 @pytest.fixture
@@ -127,3 +128,28 @@ def test_softcapped_logits_follow_the_config(lm):
     capped = output_logits(model, hidden)
     torch.testing.assert_close(capped, torch.tanh(plain / 5.0) * 5.0)
     assert capped.abs().max() <= 5.0
+
+
+@pytest.mark.parametrize("rows, chunk", [(5, 1000), (70, 64), (33, 7)])
+def test_the_output_head_sees_rows_in_multiples_of_the_shape_multiple(lm, rows, chunk):
+    """Each chunk's rows are padded to a multiple of SHAPE_MULTIPLE (a CPU keeps kernels per shape); the
+    padding's results are dropped, so values and gradients are those of the rows given."""
+    model, _ = lm
+    seen = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    hidden = torch.randn(rows, model.config.hidden_size, requires_grad=True)
+    tokens = torch.randint(0, 200, (rows,))
+    try:
+        scored = token_logprobs(model, hidden, tokens, entropy=True, chunk=chunk)
+    finally:
+        hook.remove()
+    assert seen and all(count % SHAPE_MULTIPLE == 0 for count in seen)
+    assert scored.logprobs.shape == scored.entropy.shape == (rows,)
+    scored.logprobs.sum().backward()
+    ours = hidden.grad.clone()
+    hidden.grad = None
+    expected, expected_entropy = full_vocabulary(model, hidden, tokens)
+    expected.sum().backward()
+    torch.testing.assert_close(scored.logprobs, expected.detach())
+    torch.testing.assert_close(scored.entropy, expected_entropy.detach())
+    torch.testing.assert_close(ours, hidden.grad)

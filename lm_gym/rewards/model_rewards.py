@@ -12,7 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from lm_gym.chat import encode_prompt, format_exchange, has_chat_template
 from lm_gym.models import ensure_pad_token, resolve_device
 from lm_gym.rewards.base import Reward
-from lm_gym.padding import pad_left
+from lm_gym.padding import SHAPE_MULTIPLE, pad_left
+from lm_gym.precision import resolve_precision
 from lm_gym.reference import ReferenceModel
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -29,12 +30,15 @@ class RewardModelReward(Reward):
     :param max_length: longest formatted exchange in tokens; longer ones keep their last tokens.
     :param device: where to run it; default CUDA when available.
     :param stats: ``{"mean", "std"}`` of the rewards, with a loaded model (a directory brings its own).
+    :param precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (:func:`lm_gym.precision.resolve_precision`; default
+        ``$LM_GYM_PRECISION``, else ``"auto"``): bf16 runs the forwards under autocast over the model's own
+        weights, which stay as given; the scores are float32 either way.
     """
 
     name = "reward_model"
 
     def __init__(self, model, tokenizer=None, normalize: bool = False, batch_size: int = 16,
-                 max_length: int = 512, device=None, stats: dict | None = None):
+                 max_length: int = 512, device=None, stats: dict | None = None, precision=None):
         self.stats = stats
         if isinstance(model, (str, os.PathLike)):
             model, tokenizer, stored = load_reward_model_dir(model, tokenizer)
@@ -50,10 +54,12 @@ class RewardModelReward(Reward):
         device = resolve_device(device)
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
         self.normalize, self.batch_size, self.max_length = normalize, batch_size, max_length
+        self.precision = resolve_precision(precision, device)
 
     @torch.no_grad()
     def __call__(self, prompts, responses, **context) -> torch.Tensor:
-        scores = score_exchanges(self.model, self.tokenizer, prompts, responses, self.max_length, self.batch_size)
+        with self.precision.autocast(self.model.device):
+            scores = score_exchanges(self.model, self.tokenizer, prompts, responses, self.max_length, self.batch_size)
         if self.normalize:
             scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-8)
         return scores
@@ -95,7 +101,7 @@ def exchange_ids(tokenizer, prompts, responses, max_length: int) -> list[list[in
 
 def sequence_scores(model, ids: list[list[int]], pad_token_id: int) -> torch.Tensor:
     """(B,) scalar outputs of a one-label sequence classifier on left-padded sequences (with gradients if enabled)."""
-    batch, mask = pad_left(ids, pad_token_id, model.device)
+    batch, mask = pad_left(ids, pad_token_id, model.device, SHAPE_MULTIPLE)
     return model(input_ids=batch, attention_mask=mask).logits[:, 0]
 
 
