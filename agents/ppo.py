@@ -301,7 +301,8 @@ class LMPPO(PPO):
         ids, mask = (torch.as_tensor(np.stack([o[key] for o in observations]), device=self.device).long()
                      for key in ("input_ids", "attention_mask"))
         with torch.no_grad():
-            return self.actor_critic.evaluate(*trim_left(ids, mask, SHAPE_MULTIPLE), logits=False).values[:, -1].tolist()
+            values = self.actor_critic.evaluate(*trim_left(ids, mask, SHAPE_MULTIPLE), logits=False).values
+        return values[:, -1].tolist()
 
     # --- training ------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ label-shifted losses are right-padded (column j is every row's j-th token).
 
 Batches that train or score (not the env's own decode) are padded to a width that is a multiple of
 :data:`SHAPE_MULTIPLE`: on a CPU, oneDNN builds and keeps kernels for every new matrix shape, which costs
-time on each new one and about 20 MB of resident memory per shape for the default model in bf16, so
+time on each new one and about 17 MB of resident memory per shape for the default model in bf16, so
 widths that differ at every minibatch made a training run grow without bound.
 """
 
