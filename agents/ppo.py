@@ -36,7 +36,7 @@ from agents.ptx import PretrainingBatches
 from agents.rollout_cache import RolloutCache
 from agents.segments import Rollout, SegmentBatch, SegmentCollector
 from lm_gym.episode_rules import TURN_ENDED_KEY
-from lm_gym.padding import SHAPE_MULTIPLE, pad_left, trim_left
+from lm_gym.padding import pad_left, trim_left
 from lm_gym.precision import autocast_off
 from lm_gym.rewards.combine import RunningMeanStd
 from lm_gym.sampling import sample_tokens
@@ -283,7 +283,7 @@ class LMPPO(PPO):
         for start in range(0, len(all_segments), chunk):
             segments = all_segments[start : start + chunk]
             keep = max(len(s.tokens) for s in segments) + 1
-            ids, mask = pad_left([s.context + s.tokens for s in segments], pad, self.device, SHAPE_MULTIPLE)
+            ids, mask = pad_left([s.context + s.tokens for s in segments], pad, self.device)
             with torch.no_grad():
                 values = self.actor_critic.evaluate(ids, mask, keep=keep, logits=False).values.cpu()
             for segment, row in zip(segments, values):
@@ -301,8 +301,7 @@ class LMPPO(PPO):
         ids, mask = (torch.as_tensor(np.stack([o[key] for o in observations]), device=self.device).long()
                      for key in ("input_ids", "attention_mask"))
         with torch.no_grad():
-            values = self.actor_critic.evaluate(*trim_left(ids, mask, SHAPE_MULTIPLE), logits=False).values
-        return values[:, -1].tolist()
+            return self.actor_critic.evaluate(*trim_left(ids, mask), logits=False).values[:, -1].tolist()
 
     # --- training ------------------------------------------------------------------------------------
 

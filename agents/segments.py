@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agents.advantages import gae, kl_shaped_rewards
-from lm_gym.padding import SHAPE_MULTIPLE, pad_left, pad_right, trim_left
+from lm_gym.padding import pad_left, pad_right, trim_left
 
 
 @dataclass
@@ -110,9 +110,8 @@ class SegmentBatch:
 
     @classmethod
     def from_segments(cls, segments: list[Segment], pad_token_id: int, device) -> "SegmentBatch":
-        """Pad ``segments`` into tensors on ``device`` (the sequences to a multiple of
-        :data:`lm_gym.padding.SHAPE_MULTIPLE` columns)."""
-        ids, attention = pad_left([s.context + s.tokens for s in segments], pad_token_id, device, SHAPE_MULTIPLE)
+        """Pad ``segments`` into tensors on ``device``."""
+        ids, attention = pad_left([s.context + s.tokens for s in segments], pad_token_id, device)
         tokens, mask = pad_right([s.tokens for s in segments], pad_token_id, device)
         names = ("logprobs", "values", "ref_logprobs", "scores", "scored")
         per_token = {name: torch.zeros(tokens.shape) for name in names}
@@ -129,11 +128,10 @@ class SegmentBatch:
         self.advantages, self.returns = gae(rewards, self.values, self.mask, self.next_values, gamma, lam)
 
     def select(self, rows: list[int]) -> "SegmentBatch":
-        """The segments ``rows``, trimmed to the longest of them (sequences and per-token statistics; the
-        sequences' width stays a multiple of :data:`lm_gym.padding.SHAPE_MULTIPLE`)."""
+        """The segments ``rows``, trimmed to the longest of them (sequences and per-token statistics)."""
         index = torch.as_tensor(rows, device=self.mask.device)
         steps = int(self.mask[index].sum(dim=1).max())
-        ids, attention = trim_left(self.ids[index], self.attention_mask[index], SHAPE_MULTIPLE)
+        ids, attention = trim_left(self.ids[index], self.attention_mask[index])
         per_token = [None if t is None else t[index][:, :steps] for t in (
             self.tokens, self.mask, self.logprobs, self.values, self.ref_logprobs, self.scores, self.scored)]
         extra = [None if t is None else t[index][:, :steps] for t in (self.advantages, self.returns, self.old_logprobs)]

@@ -20,7 +20,7 @@ from lm_gym.chat import encode_prompt, has_chat_template
 from lm_gym.data import chat_prompt
 from lm_gym.logprobs import next_token_nll
 from lm_gym.models import resolve_model
-from lm_gym.padding import SHAPE_MULTIPLE, pad_right
+from lm_gym.padding import pad_right
 from lm_gym.precision import Precision, resolve_precision
 
 
@@ -98,7 +98,7 @@ def _encode(tokenizer, pairs, max_length: int) -> list[tuple[list[int], int]]:
 
 def _step(model, optimizer, batch: list[tuple[list[int], int]], pad_token_id: int, precision: Precision) -> float:
     """One optimizer step of response-only next-token loss on right-padded sequences."""
-    ids, mask = pad_right([sequence for sequence, _ in batch], pad_token_id, model.device, SHAPE_MULTIPLE)
+    ids, mask = pad_right([sequence for sequence, _ in batch], pad_token_id, model.device)
     response = mask.bool().clone()
     for row, (_, prompt_length) in enumerate(batch):
         response[row, :prompt_length] = False

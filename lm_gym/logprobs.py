@@ -45,9 +45,17 @@ def mask_logits(logits: torch.Tensor, allowed) -> torch.Tensor:
 
 def last_hidden_states(model, ids: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
     """The causal LM's last hidden states (B, keep, H) at the last ``keep`` positions (all when None) of
-    left-padded ``ids`` (B, W): the decoder alone, no logits. Gradients flow when enabled."""
+    padded ``ids`` (B, W): the decoder alone, no logits. Gradients flow when enabled.
+
+    The decoder runs on the batch with masked columns added on the left up to a multiple of
+    :data:`lm_gym.padding.SHAPE_MULTIPLE` (few distinct shapes, see :mod:`lm_gym.padding`); the states of the
+    columns given come back.
+    """
+    extra = round_up(ids.shape[1], SHAPE_MULTIPLE) - ids.shape[1]
+    ids = torch.cat([ids.new_zeros(len(ids), extra), ids], dim=1)
+    mask = torch.cat([mask.new_zeros(len(mask), extra), mask], dim=1)
     out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False)
-    hidden = out.last_hidden_state
+    hidden = out.last_hidden_state[:, extra:]
     return hidden if keep is None else hidden[:, -keep:]
 
 
@@ -68,8 +76,9 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def check_output_logits(model) -> None:
     """Raise if :func:`output_logits` of :func:`last_hidden_states` is not the model's own forward's logits
-    (an architecture that transforms its logits in a way lm-gym does not know)."""
-    ids = torch.arange(1, 5, device=model.device)[None] % model.get_output_embeddings().weight.shape[0]
+    (an architecture that transforms its logits in a way lm-gym does not know), on one row of
+    :data:`lm_gym.padding.SHAPE_MULTIPLE` tokens: both forwards see the same shape."""
+    ids = torch.arange(1, SHAPE_MULTIPLE + 1, device=model.device)[None] % model.get_output_embeddings().weight.shape[0]
     mask = torch.ones_like(ids)
     with torch.no_grad():
         ours = output_logits(model, last_hidden_states(model, ids, mask))

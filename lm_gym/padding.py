@@ -3,8 +3,8 @@
 Observations and episode rows are left-padded (the last column is the latest token); per-token tables and
 label-shifted losses are right-padded (column j is every row's j-th token).
 
-Batches that train or score (not the env's own decode) are padded to a width that is a multiple of
-:data:`SHAPE_MULTIPLE`: on a CPU, oneDNN builds and keeps kernels for every new matrix shape, which costs
+Forwards that train or score (not the env's own decode) run on widths that are multiples of
+:data:`SHAPE_MULTIPLE` (:func:`lm_gym.logprobs.last_hidden_states`, reward models): on a CPU, oneDNN builds and keeps kernels for every new matrix shape, which costs
 time on each new one and about 17 MB of resident memory per shape for the default model in bf16, so
 widths that differ at every minibatch made a training run grow without bound.
 """
@@ -25,12 +25,10 @@ def pad_left(sequences: Sequence[Sequence[int]], pad_token_id: int, device, mult
     return _pad(sequences, pad_token_id, device, left=True, multiple=multiple)
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, device, multiple: int = 1
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into ``(ids, attention_mask)`` int64 tensors on ``device`` (for label-shifted
-    losses and per-token tables, where position j of every row is its j-th token), the width rounded up to a
-    multiple of ``multiple``."""
-    return _pad(sequences, pad_token_id, device, left=False, multiple=multiple)
+    losses and per-token tables, where position j of every row is its j-th token)."""
+    return _pad(sequences, pad_token_id, device, left=False, multiple=1)
 
 
 def round_up(count: int, multiple: int) -> int:
@@ -55,10 +53,8 @@ def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def trim_left(ids: torch.Tensor, attention: torch.Tensor, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop leading columns that are padding in every row of a left-padded batch, keeping a width that is a
-    multiple of ``multiple`` where the batch is wide enough (all of it otherwise)."""
+def trim_left(ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop leading columns that are padding in every row of a left-padded batch."""
     used = attention.any(dim=0).nonzero()
-    width = attention.shape[1]
-    start = max(0, width - round_up(width - int(used[0]), multiple)) if len(used) else 0
+    start = int(used[0]) if len(used) else 0
     return ids[:, start:], attention[:, start:]

@@ -18,7 +18,7 @@ import torch
 
 from lm_gym.logprobs import check_output_logits, last_hidden_states, output_logits, token_logprobs
 from lm_gym.models import adapters_disabled, frozen_copy
-from lm_gym.padding import SHAPE_MULTIPLE, pad_left
+from lm_gym.padding import pad_left
 
 
 class ReferenceModel:
@@ -58,7 +58,7 @@ class ReferenceModel:
             pairs = list(zip(prefixes[start : start + batch_size], continuations[start : start + batch_size]))
             lengths = [len(c) for _, c in pairs]
             keep = max(lengths) + 1
-            ids, mask = pad_left([p + c for p, c in pairs], self.tokenizer.pad_token_id, self.device, SHAPE_MULTIPLE)
+            ids, mask = pad_left([p + c for p, c in pairs], self.tokenizer.pad_token_id, self.device)
             with torch.no_grad(), adapters_disabled(self.model):
                 hidden = last_hidden_states(self.model, ids, mask, keep)[:, :-1]  # (B, keep - 1, H) before each token
                 scored = torch.arange(keep - 1, device=self.device)[None, :] >= keep - 1 - torch.tensor(
@@ -71,8 +71,7 @@ class ReferenceModel:
         """(B, V) float32 log π_ref of the token after each context, ``batch_size`` contexts per forward."""
         rows = []
         for start in range(0, len(contexts), batch_size):
-            ids, mask = pad_left(contexts[start : start + batch_size], self.tokenizer.pad_token_id, self.device,
-                                 SHAPE_MULTIPLE)
+            ids, mask = pad_left(contexts[start : start + batch_size], self.tokenizer.pad_token_id, self.device)
             with torch.no_grad(), adapters_disabled(self.model):
                 hidden = last_hidden_states(self.model, ids, mask)[:, -1].contiguous()  # (B, H): see EpisodeBatch
                 rows.append(torch.log_softmax(output_logits(self.model, hidden), dim=-1))
@@ -82,8 +81,7 @@ class ReferenceModel:
         """(B, H) float32 mean over tokens of the last hidden states (padding excluded)."""
         rows = []
         for start in range(0, len(sequences), batch_size):
-            ids, mask = pad_left(sequences[start : start + batch_size], self.tokenizer.pad_token_id, self.device,
-                                 SHAPE_MULTIPLE)
+            ids, mask = pad_left(sequences[start : start + batch_size], self.tokenizer.pad_token_id, self.device)
             with torch.no_grad(), adapters_disabled(self.model):
                 hidden = last_hidden_states(self.model, ids, mask).float()
             weights = mask[..., None].float()

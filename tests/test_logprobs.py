@@ -153,3 +153,27 @@ def test_the_output_head_sees_rows_in_multiples_of_the_shape_multiple(lm, rows, 
     torch.testing.assert_close(scored.logprobs, expected.detach())
     torch.testing.assert_close(scored.entropy, expected_entropy.detach())
     torch.testing.assert_close(ours, hidden.grad)
+
+
+@pytest.mark.parametrize("width", [9, 32, 40])
+def test_the_decoder_runs_on_widths_in_multiples_and_returns_the_columns_given(lm, width):
+    """Masked columns are added on the left up to a multiple of SHAPE_MULTIPLE; the states of the given
+    columns equal those of a forward on the batch as given, for left- and right-padded rows."""
+    model, _ = lm
+    ids = torch.randint(0, 200, (2, width))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left-padded
+    mask[1, -2:] = 0  # right-padded
+    widths = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        hidden = last_hidden_states(model, ids, mask)
+    finally:
+        hook.remove()
+    assert widths == [-(-width // SHAPE_MULTIPLE) * SHAPE_MULTIPLE] and hidden.shape[:2] == (2, width)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    expected = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], expected[real], rtol=1e-4, atol=1e-5)
+    assert torch.equal(last_hidden_states(model, ids, mask, keep=4), hidden[:, -4:])
