@@ -1,13 +1,19 @@
-"""Per-token rewards with the KL penalty, and generalised advantage estimation over token segments.
+"""Advantages: per-token rewards with the KL penalty, generalised advantage estimation over token segments
+(PPO's, with a critic), and the critic-free estimators over whole episodes (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
-All tensors are (S, T): S segments (pieces of episodes) padded to T tokens, with ``mask`` marking real
+Per-token tensors are (S, T): S segments (pieces of episodes) padded to T tokens, with ``mask`` marking real
 tokens. A segment's last real token is where it ends: at an EOS (terminated: nothing to bootstrap), at the
 length limit or the end of a rollout (truncated: bootstrap with the value of the next state).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # sequence advantages relative to the episode's prompt group
+ESTIMATORS = (*GROUP_ESTIMATORS, "reinforce++")
 
 
 def kl_shaped_rewards(
@@ -42,17 +48,19 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4, over=None) -> torch.Tensor:
     """Standardise the real entries of ``values`` (mean 0, std 1); padding stays 0.
 
-    Divides by sqrt(var + eps): a std floor of 0.01, far below that of advantages built from normalised
-    rewards. When a rollout holds no reward signal (every advantage ~0, as with a fresh zero value head and
-    no reward) rounding noise stays tiny instead of being blown up into unit-size random advantages,
-    which Adam would turn into full-size random steps.
+    ``over`` = (values, mask) whose statistics standardise (default: ``values``' own), so that the parts of a
+    batch are standardised as the whole would be. Divides by sqrt(var + eps): a std floor of 0.01, far below
+    that of advantages built from normalised rewards. When a rollout holds no reward signal (every advantage
+    ~0, as with a fresh zero value head and no reward) rounding noise stays tiny instead of being blown up
+    into unit-size random advantages, which Adam would turn into full-size random steps.
     """
-    count = mask.sum()
-    mean = (values * mask).sum() / count
-    var = (((values - mean) * mask) ** 2).sum() / (count - 1).clamp(min=1)
+    reference, reference_mask = over if over is not None else (values, mask)
+    count = reference_mask.sum()
+    mean = (reference * reference_mask).sum() / count
+    var = (((reference - mean) * reference_mask) ** 2).sum() / (count - 1).clamp(min=1)
     return (values - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -82,3 +90,57 @@ class KLController:
         if self.target is not None:
             self.coef = adaptive_kl_coef(self.coef, kl, self.target, tokens, self.horizon)
         return self.coef
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """G_t = Σ_{s ≥ t} r_s within each episode (γ = 1), zero on padding."""
+    masked = rewards * mask
+    return (masked.flip(1).cumsum(1).flip(1)) * mask
+
+
+def group_ids(groups: Sequence) -> torch.Tensor:
+    """(S,) consecutive ints 0..K-1 numbering the distinct entries of ``groups`` (any hashable ids)."""
+    index: dict = {}
+    return torch.tensor([index.setdefault(group, len(index)) for group in groups], dtype=torch.long)
+
+
+def group_advantages(returns: torch.Tensor, groups: Sequence, estimator: str, eps: float = 1e-4) -> torch.Tensor:
+    """(S,) sequence advantages of S episodes with returns (S,), each in the prompt group ``groups[i]``:
+
+    - ``"grpo"``: (R - mean of the group) / (std of the group + eps), the sample std (n - 1);
+    - ``"dr_grpo"``: R - mean of the group (Dr. GRPO: no division by the std, which weights groups of nearly
+      equal rewards up);
+    - ``"rloo"``: R - mean of the other episodes of the group (the leave-one-out baseline),
+      = G/(G - 1) · (R - mean of the group).
+
+    Every group needs at least 2 episodes; a group whose returns are all equal gets advantages 0.
+    """
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r}; expected one of {GROUP_ESTIMATORS}")
+    index = group_ids(groups).to(returns.device)
+    count = torch.zeros(int(index.max()) + 1 if len(index) else 0, dtype=returns.dtype, device=returns.device)
+    count.index_add_(0, index, torch.ones_like(returns))
+    if len(count) and int(count.min()) < 2:
+        raise ValueError(f"{estimator} compares the episodes of a prompt group and needs at least 2 per group; got "
+                         f"a group of {int(count.min())} (give the env group_size >= 2)")
+    total = torch.zeros_like(count).index_add_(0, index, returns)
+    mean, size = (total / count)[index], count[index]
+    if estimator == "rloo":
+        return (returns - mean) * size / (size - 1)
+    centred = returns - mean
+    if estimator == "dr_grpo":
+        return centred
+    variance = torch.zeros_like(count).index_add_(0, index, centred**2)[index] / (size - 1)
+    return centred / (variance.sqrt() + eps)
+
+
+def uniform_groups(returns: torch.Tensor, groups: Sequence, tolerance: float = 1e-6) -> torch.Tensor:
+    """(S,) True on the episodes of groups whose returns are all equal (within ``tolerance``): no signal
+    for a group-relative estimator."""
+    index = group_ids(groups).to(returns.device)
+    size = int(index.max()) + 1 if len(index) else 0
+    high = torch.full((size,), -torch.inf, dtype=returns.dtype, device=returns.device).scatter_reduce(
+        0, index, returns, "amax")
+    low = torch.full((size,), torch.inf, dtype=returns.dtype, device=returns.device).scatter_reduce(
+        0, index, returns, "amin")
+    return ((high - low) <= tolerance)[index]

@@ -65,14 +65,17 @@ class RefreshRewardCallback(BaseCallback):
 
 
 class ReleaseMemoryCallback(BaseCallback):
-    """Give freed heap memory back to the system as each rollout starts and ends (before the update), so that
-    the resident memory of a long run stays near what it holds live (:func:`agents.heap.release_freed_memory`;
-    a few milliseconds each time)."""
+    """Free the training env's KV cache when each rollout ends (an lm-gym env rebuilds it at its next step,
+    :meth:`lm_gym.LanguageModelEnv.release_memory`), and give freed heap memory back to the system as each
+    rollout starts and ends (before the update), so that the resident memory of a long run stays near what
+    it holds live (:func:`agents.heap.release_freed_memory`; a few milliseconds each time)."""
 
     def _on_rollout_start(self) -> None:
         release_freed_memory()
 
     def _on_rollout_end(self) -> None:
+        if self.training_env.has_attr("release_memory"):
+            self.training_env.env_method("release_memory")
         release_freed_memory()
 
     def _on_step(self) -> bool:

@@ -41,6 +41,7 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
             if dones[row]:
                 rewards[row], infos[row], done[row] = step_rewards[row], step_infos[row], True
                 stopped[row] = not step_infos[row].get("TimeLimit.truncated", False)
+    env.release_memory()  # its KV cache is not needed until the next evaluation
     components = {name: np.array([info["reward_components"][name] for info in infos])
                   for name in infos[0]["reward_components"]}
     return {

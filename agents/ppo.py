@@ -21,6 +21,7 @@ import copy
 import random
 import time
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from agents.ptx import PretrainingBatches
 from agents.rollout_cache import RolloutCache
 from agents.segments import Rollout, SegmentBatch, SegmentCollector
 from lm_gym.episode_rules import TURN_ENDED_KEY
-from lm_gym.padding import pad_left, trim_left
+from lm_gym.padding import SHAPE_MULTIPLE, pad_left, round_up, trim_left
 from lm_gym.precision import autocast_off
 from lm_gym.rewards.combine import RunningMeanStd
 from lm_gym.sampling import sample_tokens
@@ -58,6 +59,11 @@ class LMPPO(PPO):
     :param reward_clip: clip normalised rewards to ±this value.
     :param batch_size: tokens per minibatch (whole segments are kept together), over all ranks when
         data-parallel.
+    :param micro_batch_tokens: the most positions (context, response and padding) one training forward takes:
+        a minibatch that holds more is split into micro-batches of segments of similar lengths, whose
+        gradients accumulate into the minibatch's one optimizer step. The update is the minibatch's (the same
+        loss, advantage whitening and clipping), and the activations held for backward are a micro-batch's,
+        about 1 MB per position on the default model. None: one forward per minibatch.
     :param critic_warmup: rollouts at the start whose updates train only the critic (the actor is frozen),
         so that the first policy updates see advantages from a fitted value function.
     :param ptx_coef: weight of the pretraining loss (PPO-ptx) added to every update; needs ``ptx_texts``.
@@ -85,8 +91,11 @@ class LMPPO(PPO):
         max_grad_norm: float = 1.0, kl_coef: float = 0.05, kl_target: float | None = None,
         kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0, critic_warmup: int = 0,
         ptx_coef: float = 0.0, ptx_texts=None, ptx_batch_size: int = 4, ptx_block_tokens: int = 256,
-        watchdog_kl: float = 10.0, precision=None, recompute_logprobs: bool | None = None, **kwargs,
+        watchdog_kl: float = 10.0, precision=None, recompute_logprobs: bool | None = None,
+        micro_batch_tokens: int | None = 512, **kwargs,
     ):
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens={micro_batch_tokens}: expected a positive count of positions or None")
         if ptx_coef and not ptx_texts:
             raise ValueError(f"ptx_coef={ptx_coef} needs ptx_texts (the text of the pretraining loss)")
         self.kl_controller = KLController(kl_coef, kl_target, kl_horizon)
@@ -96,7 +105,7 @@ class LMPPO(PPO):
         self.critic_warmup, self.trained_rollouts = critic_warmup, 0
         self.ptx_coef, self.ptx_texts = ptx_coef, ptx_texts
         self.ptx_batch_size, self.ptx_block_tokens = ptx_batch_size, ptx_block_tokens
-        self.recompute_logprobs = recompute_logprobs
+        self.recompute_logprobs, self.micro_batch_tokens = recompute_logprobs, micro_batch_tokens
         if precision is not None:
             kwargs["policy_kwargs"] = with_precision(kwargs.get("policy_kwargs"), precision)
         with warnings.catch_warnings():  # SB3 checks batch_size against n_steps * n_envs; ours counts tokens
@@ -216,7 +225,13 @@ class LMPPO(PPO):
         return True
 
     def _record(self, collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos) -> None:
+        """Add the step's tokens to the open segments; close the ended ones and begin the next. A row that waits
+        for its prompt group (``info["waiting"]``) took no action: its next segment begins from the context
+        it has when the wait ends."""
         for row, info in enumerate(infos):
+            if info.get("waiting"):
+                collector.begin(row, _context(new_obs, row))
+                continue
             collector.add(row, int(actions[row]), float(log_probs[row]), float(values[row]),
                           info.get("ref_logprob", float("nan")), float(rewards[row]), info.get(TURN_ENDED_KEY, False))
         ended = np.flatnonzero(dones).tolist()
@@ -224,7 +239,7 @@ class LMPPO(PPO):
         bootstrap = dict(zip(truncated, self._values_of([infos[row]["terminal_observation"] for row in truncated])))
         for row in ended:
             collector.close(row, bootstrap.get(row, 0.0), terminated=row not in bootstrap, ended=True,
-                            reward_components=infos[row].get("reward_components"))
+                            reward_components=infos[row].get("reward_components"), group=infos[row].get("group"))
             collector.begin(row, _context(new_obs, row))
 
     def _make_reference(self) -> ReferenceModel:
@@ -364,12 +379,13 @@ class LMPPO(PPO):
         (see ``recompute_logprobs``). The KL penalty keeps the sampled log-probs: they and the reference's come
         from the same bf16 decode, so an untrained policy's KL is exactly 0 (:mod:`agents.rollout_cache`).
 
-        The forwards take the segments in the first epoch's ``minibatches`` (default: about ``batch_size``
+        The forwards take the micro-batches of the first epoch's ``minibatches`` (default: about ``batch_size``
         tokens each, in order): bf16 results depend on the batch's shapes, so the same groups make PPO's first
         ratios exactly 1.
         """
         lengths, data.old_logprobs = data.mask.sum(dim=1).tolist(), data.logprobs.clone()
-        for rows in minibatches or token_groups(list(range(len(lengths))), lengths, self.batch_size):
+        minibatches = minibatches or token_groups(list(range(len(lengths))), lengths, self.batch_size)
+        for rows in (micro for minibatch in minibatches for micro in self._micro_batches(data, minibatch)):
             sub = data.select(rows)
             steps = sub.mask.shape[1]
             evaluation = self.actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), sub.mask.bool(),
@@ -392,49 +408,72 @@ class LMPPO(PPO):
         count = min(int(counts[0::2].max()), int(counts[1::2].min()))
         return [part.tolist() for part in np.array_split(np.array(order), count)]
 
+    def _micro_batches(self, data: SegmentBatch, rows: list[int]) -> list[list[int]]:
+        """The minibatch ``rows`` split into the forwards of at most ``micro_batch_tokens`` positions."""
+        if self.micro_batch_tokens is None:
+            return [rows]
+        return micro_batches(rows, data.attention_mask.sum(dim=1).tolist(), self.micro_batch_tokens)
+
     def _update(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf, actor: bool):
-        loss, stats = self.segment_loss(data, rows, clip_range, clip_range_vf, actor)
+        """One optimizer step on the minibatch ``rows``, its gradient accumulated over its micro-batches."""
+        self.policy.optimizer.zero_grad()
+        micro = self._micro_batches(data, rows)
+        stats: dict[str, float] = {}
+        for index, part in enumerate(micro):
+            last = index == len(micro) - 1  # DDP averages across ranks once, at the minibatch's last backward
+            with self.data_parallel.no_sync() if self.data_parallel is not None and not last else nullcontext():
+                loss, part_stats = self.segment_loss(data, part, clip_range, clip_range_vf, actor, minibatch=rows)
+                loss.backward()
+            for key, value in part_stats.items():
+                stats[key] = stats.get(key, 0.0) + value
         if self.ptx is not None and actor:
             ptx_loss = self.ptx.loss(self.actor_critic.lm, self.actor_critic.precision)
-            loss = loss + self.ptx_coef * ptx_loss
+            (self.ptx_coef * ptx_loss).backward()
             stats["ptx_loss"] = ptx_loss.item()
-        self.policy.optimizer.zero_grad()
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
         self.policy.optimizer.step()
         return stats
 
     def segment_loss(self, data: SegmentBatch, rows: list[int], clip_range: float, clip_range_vf=None,
-                     actor: bool = True):
-        """SB3 PPO's loss on all tokens of the segments ``rows``, from one forward per segment.
+                     actor: bool = True, minibatch: list[int] | None = None):
+        """SB3 PPO's loss on the tokens of the segments ``rows``, from one forward per segment, and its
+        statistics, as their share of ``minibatch``'s (default: ``rows``): the advantages are whitened with the
+        minibatch's statistics and every mean is over the minibatch's tokens, so the losses and statistics of
+        a minibatch's parts sum to the minibatch's own.
 
         With ``actor=False`` (critic warm-up) the loss is the value loss alone and the policy LM gets no gradient.
         """
+        minibatch = rows if minibatch is None else minibatch
         sub = data.select(rows)
         actor_critic = self.data_parallel or self.policy.actor_critic  # DDP averages the gradients across ranks
         valid = sub.mask.bool()
         log_prob, entropy, values = actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), valid,
                                                  self.rollout.allowed, actor, entropy_grad=bool(self.ent_coef))
+        count = data.mask[minibatch].sum()
+
+        def mean(per_token: torch.Tensor) -> torch.Tensor:  # the minibatch's mean, over this part's tokens
+            return per_token[valid].sum() / count
+
         advantages = sub.advantages
-        if self.normalize_advantage and valid.sum() > 1:
-            advantages = masked_whiten(advantages, sub.mask)
+        if self.normalize_advantage and count > 1:
+            advantages = masked_whiten(advantages, sub.mask, over=(data.advantages[minibatch], data.mask[minibatch]))
         ratio = torch.exp(log_prob - sub.old_logprobs)
-        policy_loss = -torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_range, 1 + clip_range))[valid].mean()
+        policy_loss = -mean(torch.min(advantages * ratio, advantages * ratio.clamp(1 - clip_range, 1 + clip_range)))
         if clip_range_vf is not None:
             values = sub.values + (values - sub.values).clamp(-clip_range_vf, clip_range_vf)
-        value_loss = ((sub.returns - values) ** 2)[valid].mean()
-        entropy_loss = -entropy[valid].mean()
+        value_loss = mean((sub.returns - values) ** 2)
+        entropy_loss = -mean(entropy)
         loss = self.vf_coef * value_loss
         if actor:
             loss = loss + policy_loss + self.ent_coef * entropy_loss
         with torch.no_grad():
-            log_ratio = (log_prob - sub.old_logprobs)[valid]
+            log_ratio = log_prob - sub.old_logprobs
             stats = {
                 "policy_gradient_loss": policy_loss.item(), "value_loss": value_loss.item(),
                 "entropy_loss": entropy_loss.item(), "loss": loss.item(),
-                "approx_kl": ((log_ratio.exp() - 1) - log_ratio).mean().item(),
-                "clip_fraction": ((ratio[valid] - 1).abs() > clip_range).float().mean().item(),
-                "ratio_mean": ratio[valid].mean().item(),
+                "approx_kl": mean((log_ratio.exp() - 1) - log_ratio).item(),
+                "clip_fraction": mean(((ratio - 1).abs() > clip_range).float()).item(),
+                "ratio_mean": mean(ratio).item(),
             }
         return loss, stats
 
@@ -488,6 +527,19 @@ def token_groups(order: list[int], tokens: list[int], budget: float) -> list[lis
         if count >= budget:
             groups.append(group)
             group, count = [], 0
+    return groups + [group] if group else groups
+
+
+def micro_batches(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """``rows`` in groups whose padded forward holds at most ``budget`` positions: the rows longest first,
+    each group as many rows as fit at the width of its longest (rounded up to the decoder's shape multiple,
+    :data:`lm_gym.padding.SHAPE_MULTIPLE`); a row longer than ``budget`` goes alone."""
+    groups, group = [], []
+    for row in sorted(rows, key=lambda r: -lengths[r]):
+        if group and (len(group) + 1) * round_up(int(lengths[group[0]]), SHAPE_MULTIPLE) > budget:
+            groups.append(group)
+            group = []
+        group.append(row)
     return groups + [group] if group else groups
 
 

@@ -4,7 +4,8 @@ A :class:`RolloutCache` belongs to one rollout loop (LMPPO's, an evaluation, an 
 per backbone, an :class:`lm_gym.episode_batch.EpisodeBatch` of the rows' tokens and KV cache. The loop calls
 :meth:`RolloutCache.reset` with the rows whose episodes ended (their next observation is a new prompt); a row
 whose observation is not exactly its previous one plus one token is prefilled afresh all the same, so the
-cache never serves keys and values of other tokens. Nor of other weights: any optimizer step or in-place
+cache never serves keys and values of other tokens. A row whose observation did not change (it waits for its
+prompt group, or ``predict`` was asked twice) keeps its log-probs and runs no forward. Nor of other weights: any optimizer step or in-place
 write to the parameters since the cache was filled drops it (:func:`weights_version`).
 
 In bf16 a policy acts through a bf16 copy of its weights (:func:`acting_copy`, made again whenever the
@@ -61,6 +62,7 @@ class _BackboneCache:
         self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.version = weights_version(model)
         self.restarted = torch.zeros(rows, dtype=torch.bool, device=self.batch.device)
+        self.held = torch.zeros(rows, dtype=torch.bool, device=self.batch.device)  # unchanged, KV history dropped
 
     def fits(self, model, ids: torch.Tensor) -> bool:
         return (self.batch.num_rows, self.batch.max_tokens) == tuple(ids.shape) and (
@@ -73,7 +75,14 @@ class _BackboneCache:
         previous_ids, previous_mask = self.previous
         same_prefix = (ids[:, :-1] == previous_ids[:, 1:]).all(dim=1) & (mask[:, :-1] == previous_mask[:, 1:]).all(1)
         grew = (mask[:, -1] == 1) & (mask.sum(dim=1) == previous_mask.sum(dim=1) + 1)
-        return same_prefix & grew & (self.batch.lengths < self.batch.max_tokens) & ~self.restarted
+        return same_prefix & grew & (self.batch.lengths < self.batch.max_tokens) & ~self.restarted & ~self.held
+
+    def unchanged(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rows whose observation is exactly the previous one."""
+        if self.previous is None:
+            return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        previous_ids, previous_mask = self.previous
+        return (ids == previous_ids).all(dim=1) & (mask == previous_mask).all(dim=1) & ~self.restarted
 
 
 class RolloutCache:
@@ -102,10 +111,13 @@ class RolloutCache:
             self._backbones.pop(id(model), None)  # the old copy goes before a new one is made
             backbone = self._backbones[id(model)] = _BackboneCache(model, pad_token_id, *ids.shape, dtype)
         batch = backbone.batch
-        extends = backbone.extends(ids, mask)
-        fresh = (~extends).nonzero().squeeze(1).tolist()
-        batch.append(ids[:, -1], record=extends, forward=extends)  # rows not extended are refilled below
+        extends, unchanged = backbone.extends(ids, mask), backbone.unchanged(ids, mask)
+        fresh = (~(extends | unchanged)).nonzero().squeeze(1).tolist()
+        held = (batch.next_logprobs[unchanged].clone(), batch.next_hidden[unchanged].clone()) if unchanged.any() else None
+        batch.append(ids[:, -1], record=extends, forward=extends)  # drops the KV history of the other rows
         if fresh:
             batch.prefill(fresh, [ids[row][mask[row].bool()].tolist() for row in fresh])
-        backbone.previous, backbone.restarted[:] = (ids.clone(), mask.clone()), False
+        if held is not None:
+            batch.next_logprobs[unchanged], batch.next_hidden[unchanged] = held
+        backbone.previous, backbone.restarted[:], backbone.held = (ids.clone(), mask.clone()), False, unchanged
         return batch.next_logprobs, batch.next_hidden

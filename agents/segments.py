@@ -33,6 +33,7 @@ class Segment:
     terminated: bool = False
     ended: bool = False  # the episode ended here (not just the rollout)
     reward_components: dict = field(default_factory=dict)
+    group: int | None = None  # the env's prompt group of the episode (``info["group"]``), if it groups rows
 
 
 class SegmentCollector:
@@ -62,13 +63,13 @@ class SegmentCollector:
         return [row for row, segment in enumerate(self.open) if segment is not None and segment.tokens]
 
     def close(self, row: int, next_value: float, terminated: bool = False, ended: bool = False,
-              reward_components: dict | None = None) -> None:
+              reward_components: dict | None = None, group: int | None = None) -> None:
         """Close ``row``'s segment (if it holds tokens) with its bootstrap value."""
         segment = self.open[row]
         self.open[row] = None
         if segment is not None and segment.tokens:
             segment.next_value, segment.terminated, segment.ended = next_value, terminated, ended
-            segment.reward_components = reward_components or {}
+            segment.reward_components, segment.group = reward_components or {}, group
             self.finished.append(segment)
 
 

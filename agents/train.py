@@ -62,6 +62,7 @@ class TrainConfig:
     value_learning_rate: float = 1e-3
     n_epochs: int = 2
     batch_size: int = 128
+    micro_batch_tokens: int = 512
     kl_coef: float = 0.05
     kl_target: float | None = None
     critic_warmup: int = 1
@@ -89,6 +90,8 @@ class TrainConfig:
         "value_learning_rate": "learning rate of the value head",
         "n_epochs": "PPO epochs over each rollout",
         "batch_size": "tokens per PPO minibatch",
+        "micro_batch_tokens": "most positions (context, response, padding) per training forward: larger minibatches "
+                              "accumulate gradients over several forwards (less memory, the same update)",
         "kl_coef": "beta of the per-token KL penalty to the reference model",
         "kl_target": "adapt beta towards this mean KL per episode (default: beta stays fixed)",
         "critic_warmup": "first iterations that train only the value head",
@@ -205,7 +208,8 @@ def make_rank_env(config: TrainConfig, task: Task) -> SB3VecEnv:
 def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
     """LMPPO with the run's settings; the policy starts from the same model as the env (the reference)."""
     return LMPPO(
-        env=env, n_steps=config.max_new_tokens, batch_size=config.batch_size, n_epochs=config.n_epochs,
+        env=env, n_steps=config.max_new_tokens, batch_size=config.batch_size,
+        micro_batch_tokens=config.micro_batch_tokens, n_epochs=config.n_epochs,
         learning_rate=config.learning_rate, kl_coef=config.kl_coef, kl_target=config.kl_target,
         critic_warmup=config.critic_warmup, seed=config.seed, device=config.device or "auto",
         policy_kwargs=policy_kwargs(config, env),

@@ -34,6 +34,12 @@ class EpisodesOwner:
         """The env's :class:`lm_gym.reference.ReferenceModel` (it scores ``ref_logprob``; rewards bind to it)."""
         return self.episodes.reference
 
+    def release_memory(self) -> None:
+        """Free the env's KV cache while the env sits idle (for example while the policy trains on a rollout):
+        the next step rebuilds it from the episodes' tokens in one batched prefill and plays on as before
+        (in bf16 the rebuilt cache may round differently from the incremental one)."""
+        self.episodes.batch.release_cache()
+
 
 class LanguageModelEnv(EpisodesOwner, gym.Env):
     """A causal language model as an RL environment: actions are tokens, observations the ids so far.

@@ -56,12 +56,26 @@ class EpisodeBatch:
         self.lengths = torch.zeros(num_rows, dtype=torch.long, device=self.device)
         self.next_logprobs = torch.full((num_rows, output_vocab_size(model) if score else 1), float("nan"),
                                         device=self.device)
-        num_layers = model.config.get_text_config().num_hidden_layers
-        capacity = max_tokens + max(8, max_tokens // 4)
-        self.cache = EpisodeCache(num_layers, num_rows, capacity if score else 1, self.device)
+        self._cache_shape = (model.config.get_text_config().num_hidden_layers, num_rows,
+                             max_tokens + max(8, max_tokens // 4) if score else 1)
+        self.cache = EpisodeCache(*self._cache_shape, self.device)
+        self.released = False  # the KV cache was freed; the next forward rebuilds it from the tokens
         self._cache_keyword = cache_keyword(model)
         self.keep_hidden = keep_hidden
         self.next_hidden: torch.Tensor | None = None
+
+    def release_cache(self) -> None:
+        """Free the KV cache while the rows sit idle (their tokens and next-token log-probs stay): the next
+        forward first rebuilds it from the rows' tokens, in one batched prefill."""
+        if self.score:
+            self.cache = EpisodeCache(*self._cache_shape, self.device)
+            self.released = True
+
+    def _rebuild(self) -> None:
+        self.released = False
+        rows = self.lengths.nonzero().squeeze(1).tolist()
+        if rows:
+            self.prefill(rows, [self.row_tokens(row) for row in rows])
 
     @torch.no_grad()
     def prefill(self, rows: Sequence[int], contexts: Sequence[Sequence[int]]) -> None:
@@ -69,6 +83,9 @@ class EpisodeBatch:
         for context in contexts:
             if not 0 < len(context) <= self.max_tokens:
                 raise ValueError(f"a context must hold 1..{self.max_tokens} tokens, got {len(context)}")
+        if self.released and len(rows) < self.num_rows:
+            self._rebuild()  # the other rows' caches first
+        self.released = False
         ids, mask = pad_left(contexts, self.pad_token_id, self.device)
         row_index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
         self._write_tokens(row_index, ids, mask)
@@ -120,6 +137,8 @@ class EpisodeBatch:
         ``forward`` must be a subset of ``record``. Rows recorded but not forwarded are finished: their
         next-token log-probs are left stale and their cache history is dropped until they are prefilled.
         """
+        if self.released and bool(forward.any()):
+            self._rebuild()  # from the tokens before this step's
         rows = record.nonzero().squeeze(1)
         if len(rows):
             if int(self.lengths[rows].max()) >= self.max_tokens:

@@ -27,10 +27,13 @@ class SB3VecEnv(VecEnv):
     :param num_envs: number of episodes stepped together.
     :param config: an :class:`lm_gym.EnvConfig`; keyword ``settings`` (its fields: model, prompts, reward,
         lengths, ...) replace its fields.
+    :param group_size: rows per prompt group (see :class:`LanguageModelVectorEnv`); a row that waits for its
+        group keeps its final observation and has ``infos[i]["waiting"]``.
     """
 
-    def __init__(self, num_envs: int = 1, config: EnvConfig | None = None, **settings: Any):
-        self.venv = LanguageModelVectorEnv(num_envs, config, autoreset_mode=AutoresetMode.SAME_STEP, **settings)
+    def __init__(self, num_envs: int = 1, config: EnvConfig | None = None, *, group_size: int = 1, **settings: Any):
+        self.venv = LanguageModelVectorEnv(num_envs, config, autoreset_mode=AutoresetMode.SAME_STEP,
+                                           group_size=group_size, **settings)
         super().__init__(num_envs, self.venv.single_observation_space, self.venv.single_action_space)
         self._actions: np.ndarray | None = None
 
@@ -87,6 +90,10 @@ class SB3VecEnv(VecEnv):
             info["TimeLimit.truncated"] = bool(truncated[row] and not terminated[row])
             infos.append(info)
         return obs, rewards.astype(np.float32), dones, infos
+
+    def release_memory(self) -> None:
+        """Free the KV cache while the env sits idle (see :meth:`LanguageModelVectorEnv.release_memory`)."""
+        self.venv.release_memory()
 
     def close(self) -> None:
         """Free the LM and its cache."""

@@ -31,9 +31,18 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
     :param output: ``"numpy"`` (arrays on the host) or ``"torch"`` (observations, rewards and flags as
         tensors on the env's device, without a host copy).
     :param render_mode: ``"ansi"`` (``render()`` returns each row's text) or None.
+    :param group_size: G > 1 gives each prompt to a group of G consecutive rows (rows ``kG ... kG + G - 1``),
+        for group-relative agents (GRPO, RLOO): the rows of a group share the prompt, which the group's first
+        row draws, and restart together once all of them have ended. A row whose episode ended while others
+        of its group still play *waits*: its steps take no action, give reward 0, never end and carry
+        ``info["waiting"] = True``; in ``SAME_STEP`` its observation stays the final one until the group
+        restarts, in ``NEXT_STEP`` the group's rows are reset on the step after its last row ended, and in
+        ``DISABLED`` ``reset_mask`` must select whole groups. The steps of a group's episodes carry
+        ``info["group"]``, an id that no other group episode of this env shares. ``num_envs`` must be a
+        multiple of G.
 
     Row i is seeded with ``seed + i``, so for the same seeds and actions it plays exactly the episodes
-    of N single :class:`LanguageModelEnv` in a :class:`gymnasium.vector.SyncVectorEnv`.
+    of N single :class:`LanguageModelEnv` in a :class:`gymnasium.vector.SyncVectorEnv` (with G = 1).
     """
 
     metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -46,6 +55,7 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         output: str = "numpy",
         render_mode: str | None = None,
+        group_size: int = 1,
         **settings: Any,
     ):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
@@ -57,6 +67,7 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         self.autoreset_mode = _autoreset_mode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         self.num_envs, self.output, self.render_mode = int(num_envs), output, render_mode
+        self.group_size = _group_size(group_size, self.num_envs)
         self.config = EnvConfig.of(config, **settings)
         self.episodes = TokenEpisodes.from_config(self.config, self.num_envs)
         self.single_observation_space = observation_space(self.episodes.vocab_size, self.episodes.obs_length)
@@ -65,7 +76,10 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
         self._needs_reset = np.ones(self.num_envs, dtype=bool)
+        self._waiting = np.zeros(self.num_envs, dtype=bool)  # ended, while others of the group play on
         self._started = np.zeros(self.num_envs, dtype=bool)
+        self._group_ids = np.full(self.num_envs // self.group_size, -1, dtype=np.int64)
+        self._groups_started = 0
 
     # --- reset ---------------------------------------------------------------------------------------
 
@@ -84,6 +98,7 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; expected keys among {sorted(RESET_OPTIONS)}")
         mask = _reset_mask(options.get("reset_mask"), self.num_envs)
+        _check_whole_groups(mask, self.group_size)
         seeds = _row_seeds(seed, self.num_envs)
         for row in np.flatnonzero(mask):
             if seeds[row] is not None or self._rngs[row] is None:
@@ -94,10 +109,24 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         return self._observation(), row_infos
 
     def _reset_rows(self, rows: np.ndarray, prompts: list) -> None:
-        """Start new episodes in ``rows`` (one batched prefill; reset infos are empty)."""
+        """Start new episodes in ``rows``, whole groups (one batched prefill; reset infos are empty). A group
+        without a given prompt takes the one its first row draws."""
         row_list = rows.tolist()
+        prompts = list(prompts)
+        for leader in row_list[:: self.group_size]:
+            group = range(leader, leader + self.group_size)
+            given = {repr(prompts[row]) for row in group}
+            if len(given) > 1:
+                raise ValueError(f"rows {group.start}..{group.stop - 1} form a group (group_size={self.group_size}) "
+                                 "and share one prompt; the reset options gave them different ones")
+            if self.group_size > 1:
+                prompt = self.episodes.prompts(self._rngs[leader]) if prompts[leader] is None else prompts[leader]
+                prompts[group.start : group.stop] = [prompt] * self.group_size
+                self._group_ids[leader // self.group_size] = self._groups_started
+                self._groups_started += 1
         self.episodes.reset_rows(row_list, [self._rngs[r] for r in row_list], [prompts[r] for r in row_list])
         self._needs_reset[rows] = False
+        self._waiting[rows] = False
         self._started[rows] = True
 
     # --- step ----------------------------------------------------------------------------------------
@@ -112,29 +141,42 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         if not self._started.all():
             raise RuntimeError("call reset() before step()")
         tokens = self._validate_actions(actions)
-        resetting = self._needs_reset.copy()
+        resetting, waiting = self._needs_reset.copy(), self._waiting.copy()
         if self.autoreset_mode == AutoresetMode.DISABLED and resetting.any():
             raise RuntimeError(
                 f"rows {np.flatnonzero(resetting).tolist()} have finished episodes; with autoreset DISABLED "
                 "reset them first with reset(options={'reset_mask': mask})"
             )
-        result = self.episodes.step(tokens, torch.as_tensor(~resetting, device=self.episodes.device))
+        playing = ~(resetting | waiting)
+        result = self.episodes.step(tokens, torch.as_tensor(playing, device=self.episodes.device))
         ended = (result.terminated | result.truncated).cpu().numpy()
         infos = step_infos(result, self.episodes.reference_logprobs)
-        row_infos = [{} if resetting[row] else infos[row] for row in range(self.num_envs)]
+        row_infos = [infos[row] if playing[row] else {} for row in range(self.num_envs)]
+        for row in np.flatnonzero(playing if self.group_size > 1 else []):
+            row_infos[row]["group"] = int(self._group_ids[row // self.group_size])
+        for row in np.flatnonzero(waiting):
+            row_infos[row] = {"waiting": True}
         no_prompts = [None] * self.num_envs
         if self.autoreset_mode == AutoresetMode.NEXT_STEP and resetting.any():
             self._reset_rows(np.flatnonzero(resetting), no_prompts)
+        over = self._groups_over(waiting | ended)  # rows of the groups all of whose rows have ended
+        self._waiting = (waiting | ended) & ~over
         if self.autoreset_mode == AutoresetMode.SAME_STEP and ended.any():
             final_obs = self._observation(numpy=True)
             for row in np.flatnonzero(ended):
                 single_obs = {key: value[row] for key, value in final_obs.items()}
                 row_infos[row] = {"final_obs": single_obs, "final_info": row_infos[row]}
-            self._reset_rows(np.flatnonzero(ended), no_prompts)
+            if over.any():
+                self._reset_rows(np.flatnonzero(over), no_prompts)
         else:
-            self._needs_reset = ended
+            self._needs_reset = over
         flags = self._flags(result.reward.double(), result.terminated, result.truncated)
         return self._observation(), *flags, row_infos
+
+    def _groups_over(self, ended: np.ndarray) -> np.ndarray:
+        """(N,) True on the rows of every group whose rows have all ``ended``."""
+        groups = ended.reshape(-1, self.group_size).all(axis=1)
+        return np.repeat(groups, self.group_size)
 
     def _vector_infos(self, row_infos: list[dict]) -> dict:
         infos: dict = {}
@@ -164,7 +206,7 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
             raise ValueError(f"action {array[bad[0]]} of row {bad[0]} is outside the action space [0, {vocab})")
         allowed = self.episodes.allowed
         if allowed is not None:
-            stepped = ~self._needs_reset
+            stepped = ~(self._needs_reset | self._waiting)
             bad = np.flatnonzero(stepped & ~allowed[array])
             if len(bad):
                 raise ValueError(f"action {array[bad[0]]} of row {bad[0]} is not among the allowed_token_ids")
@@ -188,7 +230,8 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         """With ``render_mode="ansi"``: each row's dialogue so far as text."""
         if self.render_mode != "ansi":
             return None
-        return tuple(self.episodes.dialogue_text(row, with_partial_turn=not self._needs_reset[row])
+        finished = self._needs_reset | self._waiting
+        return tuple(self.episodes.dialogue_text(row, with_partial_turn=not finished[row])
                      for row in range(self.num_envs))
 
     def close_extras(self, **kwargs) -> None:
@@ -206,6 +249,24 @@ def _autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
         if str(mode).lower() in (candidate.value.lower(), candidate.name.lower()):
             return candidate
     raise ValueError(f"autoreset_mode={mode!r}; expected one of {[m.name for m in AutoresetMode]}")
+
+
+def _group_size(group_size, num_envs: int) -> int:
+    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if num_envs % group_size:
+        raise ValueError(f"num_envs={num_envs} is not a multiple of group_size={group_size}: every group of "
+                         f"{group_size} consecutive rows shares one prompt")
+    return int(group_size)
+
+
+def _check_whole_groups(mask: np.ndarray, group_size: int) -> None:
+    groups = mask.reshape(-1, group_size)
+    partial = np.flatnonzero(groups.any(axis=1) & ~groups.all(axis=1))
+    if len(partial):
+        first = int(partial[0]) * group_size
+        raise ValueError(f"options['reset_mask'] selects part of the group of rows {first}..{first + group_size - 1} "
+                         f"(group_size={group_size}); groups restart together: select all of their rows or none")
 
 
 def _reset_mask(mask, num_envs: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents import LMPPO, MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
+from agents.ppo import micro_batches
 from agents.advantages import gae, kl_shaped_rewards, masked_whiten
 from lm_gym import LanguageModelEnv
 from lm_gym.padding import SHAPE_MULTIPLE
@@ -286,3 +287,45 @@ def test_the_update_runs_the_lm_on_widths_in_multiples_of_the_shape_multiple(env
     segments = agent.rollout.segments
     assert len({len(s.context) + len(s.tokens) for s in segments}) > 1  # segments of several lengths
     assert len(widths) > 2 and all(width % SHAPE_MULTIPLE == 0 for width in widths)
+
+
+def test_micro_batches_bound_the_padded_positions_and_keep_every_row():
+    lengths = [10, 40, 33, 70, 5, 64, 31]  # rounded up to the shape multiple: 32, 64, 64, 96, 32, 64, 32
+    groups = micro_batches([0, 1, 2, 3, 4, 5, 6], lengths, budget=130)
+    assert groups == [[3], [5, 1], [2, 6], [0, 4]]  # longest first; 2 x 96 > 130, 2 x 64 fits, 3 x 64 does not
+    assert micro_batches([0, 1], [200, 5], budget=64) == [[0], [1]]  # a row longer than the budget goes alone
+    rows = list(range(40))
+    lengths = torch.randint(1, 300, (40,)).tolist()
+    groups = micro_batches(rows, lengths, budget=512)
+    assert sorted(r for g in groups for r in g) == rows
+    widths = [-(-lengths[g[0]] // SHAPE_MULTIPLE) * SHAPE_MULTIPLE for g in groups]
+    assert all(len(g) * w <= 512 or len(g) == 1 for g, w in zip(groups, widths))
+
+
+def test_micro_batched_update_equals_the_whole_minibatchs(env):
+    """Gradient accumulation over micro-batches takes the same step as one forward of the minibatch: the same
+    whitening, the same means over the minibatch's tokens, the same statistics."""
+    steps, stats = [], []
+    for micro_batch_tokens in (None, 64):
+        agent = make_agent(env, micro_batch_tokens=micro_batch_tokens)
+        data = collect(agent)
+        rows = list(range(len(agent.rollout.segments)))
+        assert len(agent._micro_batches(data, rows)) == (1 if micro_batch_tokens is None else len(rows))
+        before = [p.detach().clone() for p in agent.policy.parameters()]
+        stats.append(agent._update(data, rows, 0.2, 0.2, actor=True))
+        steps.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(agent.policy.parameters(), before)]))
+    assert steps[0].abs().max() > 1e-5
+    assert (steps[1] - steps[0]).abs().max() < 1e-4 * steps[0].abs().max()
+    assert stats[1] == pytest.approx(stats[0], rel=1e-4, abs=1e-7)
+
+
+def test_bf16_recompute_in_micro_batches_starts_the_ratio_at_exactly_one(env):
+    agent = make_agent(env, precision="bf16", batch_size=12, micro_batch_tokens=64)
+    data = collect(agent)
+    minibatches = agent._minibatches(data.mask)
+    agent._recompute_old(data, minibatches)
+    assert any(len(agent._micro_batches(data, rows)) > 1 for rows in minibatches)
+    for rows in minibatches:
+        for part in agent._micro_batches(data, rows):
+            _, stats = agent.segment_loss(data, part, 0.2, 0.2)
+            assert stats["ratio_mean"] == 1.0 and stats["approx_kl"] == 0.0

@@ -82,6 +82,29 @@ def test_rollout_runs_one_token_per_step(vec_env, monkeypatch):
     assert widths[0] > 10 and widths[1:] == [1, 1]  # one prefill, then one new token per step
 
 
+def test_an_unchanged_observation_keeps_its_log_probs_and_runs_no_forward(vec_env, monkeypatch):
+    """A row waiting for its prompt group, or a second predict on one observation: the cache answers as
+    before without a forward, and the rows that then move on get log-probs equal to a full forward's."""
+    policy = make_ppo(vec_env).policy
+    policy.set_training_mode(False)
+    obs = vec_env.reset()
+    with torch.no_grad():
+        first = act(policy, obs)[0].clone()
+    decoder = policy.actor_critic.lm.get_decoder()
+    forward, calls = decoder.forward, []
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or forward(*a, **k))
+    with torch.no_grad():
+        again = act(policy, obs)[0]
+    assert calls == [] and torch.equal(again, first)
+    monkeypatch.undo()
+    obs, _, _, _ = vec_env.step(np.array([7, 8, 9]))
+    with torch.no_grad():
+        logits = act(policy, obs)[0]
+    with torch.enable_grad():
+        full = act(policy, obs)[0]  # with gradients: a full forward
+    assert (torch.log_softmax(logits, -1) - torch.log_softmax(full, -1)).abs().max() < 1e-4
+
+
 def test_stock_ppo_and_a2c_train(vec_env):
     ppo = make_ppo(vec_env)
     ppo.learn(48)

@@ -227,3 +227,26 @@ def test_memory_stays_bounded_over_many_resets(tiny):
     assert env.episodes.batch.cache.length <= env.episodes.batch.cache.capacity
     growth_kib = peaks[-1] - peaks[2]  # after warm-up
     assert growth_kib < 4 * 1024, f"peak RSS grew by {growth_kib} KiB after warm-up: {peaks}"
+
+
+def test_released_memory_is_rebuilt_and_the_episodes_play_on(settings):
+    """release_memory frees the KV cache mid-episode; the next step rebuilds it from the tokens, and the
+    episodes go on as those of an env that kept its cache."""
+    kept = LanguageModelVectorEnv(NUM_ENVS, **settings)
+    released = LanguageModelVectorEnv(NUM_ENVS, **settings)
+    stop = settings["tokenizer"].eos_token_id
+    traces = []
+    for env in (kept, released):
+        env.reset(seed=3)
+        trace = []
+        for step, actions in enumerate(action_stream(1, 12, NUM_ENVS, stop)):
+            if env is released and step in (2, 7):
+                env.release_memory()
+                assert not env.episodes.batch.cache.layers[0].is_initialized  # the buffers are gone
+            obs, reward, terminated, truncated, info = env.step(actions)
+            trace.append((obs["input_ids"], reward, info.get("ref_logprob")))
+        traces.append(trace)
+    for (ids_a, reward_a, ref_a), (ids_b, reward_b, ref_b) in zip(*traces):
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_allclose(reward_a, reward_b, atol=1e-5)
+        np.testing.assert_allclose(ref_a, ref_b, atol=1e-4)
