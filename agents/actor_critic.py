@@ -21,7 +21,7 @@ from torch import nn
 
 from agents.rollout_cache import RolloutCache
 from lm_gym.logprobs import CHUNK_POSITIONS, check_output_logits, last_hidden_states, output_logits, token_logprobs
-from lm_gym.models import resolve_model
+from lm_gym.models import adapters_disabled, resolve_model
 from lm_gym.precision import Precision, autocast_off, resolve_precision
 
 PARTS = ("body", "head", "value")
@@ -41,6 +41,7 @@ class TokenEvaluation(NamedTuple):
     logprobs: torch.Tensor  # (B, T) float32 log π(token | state), 0 where not scored
     entropy: torch.Tensor  # (B, T) float32 entropy of π at the state, 0 where not scored
     values: torch.Tensor  # (B, T) float32 V(state before the token)
+    kl: torch.Tensor | None = None  # (B, T) float32 exact KL(π ‖ π_ref) at the state, with a reference
 
 
 class TransformerActorCritic(nn.Module):
@@ -104,7 +105,7 @@ class TransformerActorCritic(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, columns: torch.Tensor,
                 valid: torch.Tensor, allowed=None, actor: bool = True, entropy: bool = True,
-                entropy_grad: bool = False) -> TokenEvaluation:
+                entropy_grad: bool = False, reference=None) -> TokenEvaluation:
         """The training forward (which ``DistributedDataParallel`` wraps): log π, entropy and V(s) of given
         tokens, one forward of each backbone, the output head over the valid tokens only, in chunks.
 
@@ -116,6 +117,8 @@ class TransformerActorCritic(nn.Module):
         :param actor: False: the policy LM runs without gradients (only the critic can learn).
         :param entropy: compute the entropy (else it is returned as zeros); ``entropy_grad``: it carries a
             gradient (for an entropy bonus), else it is a statistic.
+        :param reference: a :class:`lm_gym.reference.ReferenceModel`: also the exact KL(π ‖ π_ref) over the
+            vocabulary at each scored state (one more forward, of the reference, without gradients).
         """
         keep = tokens.shape[1] + 1
         with self.precision.autocast(ids.device), full_sequence_attention(self.lm, self.precision):
@@ -123,11 +126,17 @@ class TransformerActorCritic(nn.Module):
                 hidden = last_hidden_states(self.lm, ids, mask, keep)
             critic = hidden if self.value_backbone is None else last_hidden_states(self.value_backbone, ids, mask, keep)
             at = lambda states: states.gather(1, columns[..., None].expand(-1, -1, states.shape[-1]))  # noqa: E731
+            against = None
+            if reference is not None:
+                with torch.no_grad(), adapters_disabled(reference.model):
+                    against = reference.model, at(last_hidden_states(reference.model, ids, mask, keep))[valid]
             scored = token_logprobs(self.lm, at(hidden)[valid], tokens[valid], temperature=self.temperature,
-                                    allowed=allowed, entropy=entropy, entropy_grad=entropy_grad, chunk=self.chunk)
+                                    allowed=allowed, entropy=entropy, entropy_grad=entropy_grad, chunk=self.chunk,
+                                    reference=against)
         per_token = lambda values: torch.zeros(tokens.shape, device=ids.device).masked_scatter(valid, values)  # noqa: E731
         entropies = per_token(scored.entropy) if entropy else torch.zeros(tokens.shape, device=ids.device)
-        return TokenEvaluation(per_token(scored.logprobs), entropies, self.values_of(at(critic)))
+        kl = None if scored.kl is None else per_token(scored.kl)
+        return TokenEvaluation(per_token(scored.logprobs), entropies, self.values_of(at(critic)), kl)
 
     def act(self, ids: torch.Tensor, mask: torch.Tensor, cache: RolloutCache, values: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor | None]:

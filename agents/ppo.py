@@ -326,7 +326,11 @@ class LMPPO(PPO):
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
         clip_range_vf = self.clip_range_vf(self._current_progress_remaining) if self.clip_range_vf else None
-        data = self.rollout.batch(self.actor_critic.tokenizer.pad_token_id, self.device)
+        data = self._training_batch()
+        if data is None:  # nothing in the rollout carries a signal (for example every group uniform)
+            self.logger.record("train/skipped_update", 1)
+            self.trained_rollouts += 1
+            return
         epochs = [self._minibatches(data.mask) for _ in range(self.n_epochs)]
         self._fill_advantages(data, epochs[0])
         actor = self.trained_rollouts >= self.critic_warmup
@@ -352,9 +356,13 @@ class LMPPO(PPO):
         self.data_parallel = DistributedDataParallel(
             self.policy.actor_critic, find_unused_parameters=not actor, forward_sync_buffers=False)
 
+    def _training_batch(self) -> SegmentBatch | None:
+        """The segments the update trains on, padded: all of the rollout's (None: nothing to train on)."""
+        return self.rollout.batch(self.actor_critic.tokenizer.pad_token_id, self.device)
+
     def _prepare_batch(self) -> SegmentBatch:
-        """The rollout's segments padded, with advantages from the (normalised) rewards and the KL penalty."""
-        data = self.rollout.batch(self.actor_critic.tokenizer.pad_token_id, self.device)
+        """The training batch with advantages from the (normalised) rewards and the KL penalty."""
+        data = self._training_batch()
         self._fill_advantages(data)
         return data
 
@@ -478,19 +486,21 @@ class LMPPO(PPO):
         return loss, stats
 
     def _log(self, data: SegmentBatch, logs: dict[str, list[float]], train_seconds: float) -> tuple[float, int]:
-        """Record the update's statistics (over all ranks when data-parallel); return the rollout's mean KL per
-        segment and its token count."""
+        """Record the update's statistics and the rollout's (over all ranks when data-parallel); return the
+        rollout's mean KL per segment and its token count."""
         means = distributed.gather(torch.tensor([float(np.mean(v)) for v in logs.values()], dtype=torch.float64))
         for key, value in zip(logs, means.reshape(distributed.world_size(), -1).mean(dim=0).tolist()):
             self.logger.record(f"train/{key}", value)
-        valid = data.mask.bool()
-        kl = distributed.gather(((data.logprobs - data.ref_logprobs) * data.mask).sum(dim=1))
-        lengths = distributed.gather(data.mask.sum(dim=1).float())
+        segments = self.rollout.segments
+        kl = distributed.gather(torch.tensor([float(np.sum(s.logprobs) - np.sum(s.ref_logprobs)) for s in segments]))
+        lengths = distributed.gather(torch.tensor([float(len(s.tokens)) for s in segments]))
         episodes = distributed.gather_objects(
-            [(sum(s.scores), s.terminated, s.reward_components) for s in self.rollout.segments if s.ended])
-        values, returns = (distributed.gather(t[valid]).numpy() for t in (data.values, data.returns))
-        self.logger.record("train/explained_variance", explained_variance(values, returns))
-        self.logger.record("train/kl_coef", self.kl_coef)  # the β this rollout's rewards used
+            [(sum(s.scores), s.terminated, s.reward_components) for s in segments if s.ended])
+        if data.returns is not None:  # a critic's
+            valid = data.mask.bool()
+            values, returns = (distributed.gather(t[valid]).numpy() for t in (data.values, data.returns))
+            self.logger.record("train/explained_variance", explained_variance(values, returns))
+        self.logger.record("train/kl_coef", self.kl_coef)  # the β this rollout used
         self.logger.record("rollout/kl_per_segment", float(kl.mean()))
         self.logger.record("rollout/response_length", float(lengths.mean()))
         self.logger.record("rollout/eos_rate", float(np.mean([e[1] for e in episodes])) if episodes else 0.0)

@@ -22,7 +22,7 @@ from pathlib import Path
 from agents.export import export_pretrained
 from agents.reward_model import RewardModel, evaluate_reward_model, train_reward_model
 from agents.sft import sft
-from agents.train import Task, TrainConfig, timed_run
+from agents.train import TrainConfig, TrainingData, timed_run
 from lm_gym.data import FeedbackExample, chat_prompt, load_preferences, pairs_to_feedback, prompt_text
 from lm_gym.rewards import BlendedReward, FeedbackReward
 
@@ -94,9 +94,9 @@ def run_rlhf(config: RLHFConfig, run_dir: Path) -> dict:
     rm = _reward_model(config, train_pairs, held_out, run_dir)
     summary["reward_model"] = {k: v for k, v in rm.evaluation.items() if k != "margins"}
     summary["reward_model_history"] = rm.history
-    task = rlhf_task(config, train_pairs, held_out, rm)
+    data = rlhf_training_data(config, train_pairs, held_out, rm)
     ppo = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
-    summary["ppo"] = timed_run(dataclasses.replace(ppo, model=policy), run_dir, task=task)
+    summary["ppo"] = timed_run(dataclasses.replace(ppo, model=policy), run_dir, data=data)
     write_rlhf_report(run_dir, summary)
     return summary
 
@@ -124,14 +124,14 @@ def _reward_model(config: RLHFConfig, train_pairs, held_out, run_dir: Path) -> R
     return rm
 
 
-def rlhf_task(config: RLHFConfig, train_pairs, held_out, rm: RewardModel) -> Task:
+def rlhf_training_data(config: RLHFConfig, train_pairs, held_out, rm: RewardModel) -> TrainingData:
     """The pairs' prompts (as chat messages) and the blend r = α·r_f(pairs) + (1-α)·r_m(reward model)."""
     feedback = [FeedbackExample(prompt_text(chat_prompt(e.prompt)), e.response, e.feedback)
                 for e in pairs_to_feedback(train_pairs)]
     train_prompts = _unique([chat_prompt(p.prompt) for p in train_pairs])
     eval_prompts = _unique([chat_prompt(p.prompt) for p in held_out])[: config.eval_prompts]
-    return Task(train_prompts, eval_prompts,
-                lambda: BlendedReward(FeedbackReward(feedback), rm.as_reward(), alpha=config.alpha))
+    return TrainingData(train_prompts, eval_prompts,
+                        lambda: BlendedReward(FeedbackReward(feedback), rm.as_reward(), alpha=config.alpha))
 
 
 def _unique(prompts: list) -> list:

@@ -1,4 +1,5 @@
-"""``lm-gym train``: LMPPO on a LanguageModelEnv, with a run directory a person can read.
+"""``lm-gym train``: LMPPO (or a critic-free agent: GRPO, RLOO, REINFORCE++) on a LanguageModelEnv, with a run
+directory a person can read; on the default prompts and reward, or on a verifiable task (``--task``).
 
 The run directory holds ``config.toml``, TensorBoard logs (``tb/``), ``metrics.csv``, ``curves.png``,
 ``samples.md`` (held-out responses before and after), the SB3 checkpoint (``checkpoint.zip`` and
@@ -33,6 +34,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from agents import distributed
 from agents.callbacks import RefreshRewardCallback, ReleaseMemoryCallback
+from agents.critic_free import GRPO, RLOO, ReinforcePlusPlus
 from agents.evaluation import evaluate
 from agents.export import export_pretrained
 from agents.heap import release_freed_memory
@@ -42,9 +44,12 @@ from lm_gym.data import default_prompts, load_prompts
 from lm_gym.precision import Precision, resolve_precision
 from lm_gym.rewards import BlendedReward, FeedbackReward, FluencyReward, MissingEOSPenalty, WeightedSum
 from lm_gym.sb3 import SB3VecEnv
+from lm_gym.tasks import TRAIN_PROBLEMS, make_task
 
 BRIEF_ANSWERS = "You are a helpful assistant. Keep every answer brief: at most three sentences."
 LORA_LEARNING_RATE, FULL_LEARNING_RATE = 2e-4, 1e-5  # learning_rate's defaults
+AGENTS = {"ppo": LMPPO, "grpo": GRPO, "rloo": RLOO, "reinforce++": ReinforcePlusPlus}
+GROUP_SIZE = 8  # group_size's default for the group-relative algorithms (grpo, rloo)
 
 
 @dataclass
@@ -52,6 +57,8 @@ class TrainConfig:
     """Settings of a training run (every field is a ``lm-gym train`` flag and a ``config.toml`` key)."""
 
     model: str = "default"
+    algo: str = "ppo"
+    task: str | None = None
     prompts: str | None = None
     alpha: float = 0.5
     max_new_tokens: int = 64
@@ -65,6 +72,9 @@ class TrainConfig:
     micro_batch_tokens: int = 512
     kl_coef: float = 0.05
     kl_target: float | None = None
+    group_size: int | None = None
+    kl: str | None = None
+    loss_normalization: str = "token"
     critic_warmup: int = 1
     temperature: float = 1.0
     lora_rank: int = 16
@@ -79,6 +89,9 @@ class TrainConfig:
 
     HELP: ClassVar[dict[str, str]] = {  # one line of meaning per field: the flags' --help
         "model": "the policy and reference LM: 'default' (SmolLM2-135M-Instruct), 'tiny', a directory or a hub id",
+        "algo": "the agent: 'ppo' (LMPPO, with a critic), or critic-free 'grpo', 'rloo' or 'reinforce++'",
+        "task": "a verifiable task instead of the prompts and blended reward: 'addition', 'reverse' or "
+                "'reasoning-gym:NAME'; reward 1 for a correct answer",
         "prompts": "training prompts: a .txt/.jsonl file (default: the 240 shipped prompts); the last "
                    "eval_prompts are held out",
         "alpha": "weight of the human-feedback reward r_f in r = alpha*r_f + (1-alpha)*fluency",
@@ -93,7 +106,12 @@ class TrainConfig:
         "micro_batch_tokens": "most positions (context, response, padding) per training forward: larger minibatches "
                               "accumulate gradients over several forwards (less memory, the same update)",
         "kl_coef": "beta of the per-token KL penalty to the reference model",
-        "kl_target": "adapt beta towards this mean KL per episode (default: beta stays fixed)",
+        "kl_target": "adapt beta towards this mean KL per episode (default: beta stays fixed; ppo only)",
+        "group_size": f"episodes per prompt, compared with each other by grpo and rloo (default {GROUP_SIZE} for "
+                      "those, else 1); num_envs must be a multiple",
+        "kl": "where the critic-free agents put the KL: 'reward' (k1), 'loss' (k3) or 'full' (exact over the "
+              "vocabulary); default: 'loss' for grpo, 'reward' for rloo and reinforce++",
+        "loss_normalization": "critic-free loss mean: 'token' (over all tokens) or 'sequence' (per episode first)",
         "critic_warmup": "first iterations that train only the value head",
         "temperature": "sampling temperature of the policy (pi = softmax(logits / temperature))",
         "lora_rank": "LoRA rank on all linear layers sharing the env's weights (0: full fine-tuning)",
@@ -129,13 +147,19 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
     def resolved(self) -> tuple["TrainConfig", Precision]:
-        """This config with ``precision`` resolved (``"auto"`` becomes what it picks here) and the learning
-        rate's default filled in, and the :class:`lm_gym.precision.Precision` with its reason."""
+        """This config with ``precision`` resolved (``"auto"`` becomes what it picks here), the learning rate's
+        and the group size's defaults filled in, and the :class:`lm_gym.precision.Precision` with its reason."""
+        if self.algo not in AGENTS:
+            raise ValueError(f"algo={self.algo!r}; expected one of {sorted(AGENTS)}")
+        if self.algo == "ppo" and self.kl is not None:
+            raise ValueError("kl= places the critic-free agents' KL; ppo puts it in the reward (kl_coef)")
         precision = resolve_precision(self.precision, self.device)
         learning_rate = self.learning_rate
         if learning_rate is None:
             learning_rate = LORA_LEARNING_RATE if self.lora_rank else FULL_LEARNING_RATE
-        return dataclasses.replace(self, precision=precision.name, learning_rate=learning_rate), precision
+        group_size = self.group_size or (GROUP_SIZE if self.algo in ("grpo", "rloo") else 1)
+        return dataclasses.replace(self, precision=precision.name, learning_rate=learning_rate,
+                                   group_size=group_size), precision
 
 
 def split_prompts(config: TrainConfig) -> tuple[list, list]:
@@ -147,7 +171,7 @@ def split_prompts(config: TrainConfig) -> tuple[list, list]:
 
 
 @dataclass
-class Task:
+class TrainingData:
     """What the policy trains on: training and held-out prompts, and a factory of the reward (one per env)."""
 
     train_prompts: list
@@ -155,10 +179,18 @@ class Task:
     reward: Callable[[], object]
 
 
-def default_task(config: TrainConfig) -> Task:
-    """The configured prompts (default: the shipped set) with the default blend r = α·r_f + (1-α)·fluency."""
+def training_data(config: TrainConfig) -> TrainingData:
+    """The configured task's problems and checker (:mod:`lm_gym.tasks`; ``eval_prompts`` held-out problems),
+    else the configured prompts (default: the shipped set) with the default blend r = α·r_f + (1-α)·fluency."""
+    if config.task is not None:
+        if config.prompts is not None:
+            raise ValueError("give a task or prompts, not both: a task brings its own problems")
+        task = make_task(config.task)
+        train, held_out = task.problems("train", TRAIN_PROBLEMS), task.problems("eval", config.eval_prompts)
+        return TrainingData([p.prompt for p in train], [p.prompt for p in held_out],
+                            lambda: task.reward([*train, *held_out]))
     train_prompts, eval_prompts = split_prompts(config)
-    return Task(train_prompts, eval_prompts, lambda: default_blend(config.alpha, config.feedback_db))
+    return TrainingData(train_prompts, eval_prompts, lambda: default_blend(config.alpha, config.feedback_db))
 
 
 def default_blend(alpha: float, feedback_db: str | None = None) -> BlendedReward:
@@ -179,7 +211,8 @@ def with_missing_eos_penalty(reward, penalty: float):
                        name=getattr(reward, "name", "reward"))
 
 
-def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, reward=None) -> SB3VecEnv:
+def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, reward=None,
+             group_size: int = 1) -> SB3VecEnv:
     """The training or evaluation env: ``reward`` (default: :func:`default_blend`) with the missing-EOS penalty.
 
     Both score each token with the reference as it is taken: the KL penalty and the fluency reward read
@@ -188,7 +221,7 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
     """
     reward = reward if reward is not None else default_blend(config.alpha, config.feedback_db)
     return SB3VecEnv(
-        num_envs, model=model, tokenizer=tokenizer, prompts=prompts,
+        num_envs, group_size=group_size, model=model, tokenizer=tokenizer, prompts=prompts,
         reward=with_missing_eos_penalty(reward, config.missing_eos_penalty),
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
         truncate_prompt="left", system_prompt=config.system_prompt, device=config.device,
@@ -196,24 +229,30 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
     )
 
 
-def make_rank_env(config: TrainConfig, task: Task) -> SB3VecEnv:
+def make_rank_env(config: TrainConfig, data: TrainingData) -> SB3VecEnv:
     """This rank's training env: ``num_envs / K`` of the rows when K ranks train data-parallel (all of them in
-    one process), on the task's training prompts and reward."""
+    one process), on the training prompts and reward, in prompt groups of ``group_size`` rows."""
     ranks = distributed.world_size()
     if config.num_envs % ranks:
         raise ValueError(f"num_envs={config.num_envs} does not split evenly over {ranks} ranks")
-    return make_env(config, task.train_prompts, config.num_envs // ranks, config.model, None, task.reward())
+    return make_env(config, data.train_prompts, config.num_envs // ranks, config.model, None, data.reward(),
+                    config.group_size or 1)
 
 
 def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
-    """LMPPO with the run's settings; the policy starts from the same model as the env (the reference)."""
-    return LMPPO(
+    """The configured agent (``algo``) with the run's settings; the policy starts from the same model as the
+    env (the reference)."""
+    settings = dict(
         env=env, n_steps=config.max_new_tokens, batch_size=config.batch_size,
         micro_batch_tokens=config.micro_batch_tokens, n_epochs=config.n_epochs,
-        learning_rate=config.learning_rate, kl_coef=config.kl_coef, kl_target=config.kl_target,
-        critic_warmup=config.critic_warmup, seed=config.seed, device=config.device or "auto",
+        learning_rate=config.learning_rate, kl_coef=config.kl_coef, seed=config.seed, device=config.device or "auto",
         policy_kwargs=policy_kwargs(config, env),
     )
+    if config.algo == "ppo":
+        return LMPPO(kl_target=config.kl_target, critic_warmup=config.critic_warmup, **settings)
+    if config.kl is not None:
+        settings["kl"] = config.kl
+    return AGENTS[config.algo](loss_normalization=config.loss_normalization, **settings)
 
 
 def policy_kwargs(config: TrainConfig, env: SB3VecEnv) -> dict:
@@ -227,8 +266,8 @@ def policy_kwargs(config: TrainConfig, env: SB3VecEnv) -> dict:
     return kwargs
 
 
-def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | None = None) -> dict:
-    """Train (or resume) into ``run_dir`` on ``task`` (default :func:`default_task`); return the before/after
+def run(config: TrainConfig, run_dir: Path, resume: bool = False, data: TrainingData | None = None) -> dict:
+    """Train (or resume) into ``run_dir`` on ``data`` (default :func:`training_data`); return the before/after
     evaluation (on rank 0; other ranks of a data-parallel run return the iteration count only)."""
     distributed.setup()
     main = distributed.is_main()
@@ -236,16 +275,16 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | N
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config.to_toml({"precision": precision.reason}))
-    task = task or default_task(config)
-    eval_prompts = task.eval_prompts * config.eval_samples
-    env = make_rank_env(config, task)
+    data = data or training_data(config)
+    eval_prompts = data.eval_prompts * config.eval_samples
+    env = make_rank_env(config, data)
     eval_env = None
     if main:  # rank 0 alone evaluates
-        eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, task.reward())
+        eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, data.reward())
     if resume:
         if not (run_dir / "checkpoint.zip").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")
-        agent = LMPPO.load(run_dir / "checkpoint", env=env, device=config.device or "auto",
+        agent = AGENTS[config.algo].load(run_dir / "checkpoint", env=env, device=config.device or "auto",
                            custom_objects={"policy_kwargs": policy_kwargs(config, env)})
         state = json.loads((run_dir / "state.json").read_text())
     else:
@@ -309,10 +348,10 @@ def _logger(run_dir: Path):
     return configure(str(run_dir / "tb"), ["tensorboard"])
 
 
-def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False, task: Task | None = None) -> dict:
+def timed_run(config: TrainConfig, run_dir: Path, resume: bool = False, data: TrainingData | None = None) -> dict:
     """:func:`run`, printing the before/after summary and the wall time."""
     started = time.perf_counter()
-    state = run(config, run_dir, resume, task)
+    state = run(config, run_dir, resume, data)
     if not distributed.is_main():
         return state
     for label in ("before", "after"):

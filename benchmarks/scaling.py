@@ -29,13 +29,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from agents import distributed
-    from agents.train import TrainConfig, default_task, make_agent, make_rank_env, train_iteration
+    from agents.train import TrainConfig, training_data, make_agent, make_rank_env, train_iteration
 
     distributed.setup()
     torch.set_num_threads(args.threads)
     config = TrainConfig(model=args.model, num_envs=args.envs, max_new_tokens=args.response_tokens,
                          batch_size=args.envs * args.response_tokens, critic_warmup=0)
-    env = make_rank_env(config, default_task(config))
+    env = make_rank_env(config, training_data(config))
     agent = make_agent(config, env)
     seconds = []
     for iteration in range(args.iterations + 1):

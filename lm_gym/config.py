@@ -55,6 +55,10 @@ class EnvConfig:
         scores``; default ``BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=0.5)``. The reward
         context carries ``response_ids``, ``context_ids`` (the tokens before the response), ``ref_logprobs``
         (per-token reference log-probs, or None with ``reference_logprobs=False``) and ``stopped``.
+    :param task: a verifiable task instead of ``prompts`` and ``reward``: a name (``"addition"``,
+        ``"reverse"``, ``"reasoning-gym:NAME"``) or an :class:`lm_gym.tasks.Task`. The env draws its prompts
+        from the task's first :data:`lm_gym.tasks.TRAIN_PROBLEMS` training problems and scores responses with
+        the task's checker (``info["reward_components"]["correct"]`` says whether the answer was right).
     :param max_new_tokens: response length limit in tokens (per agent turn in multi-turn mode); the reward
         comes on the step that ends the response. Limit lengths here, not with ``gymnasium.make(...,
         max_episode_steps=K)``: Gymnasium's ``TimeLimit`` wrapper, which the env cannot see, truncates after K
@@ -85,6 +89,7 @@ class EnvConfig:
     tokenizer: Any = None
     prompts: Any = None
     reward: Any = None
+    task: Any = None
     max_new_tokens: int = 48
     max_prompt_tokens: int = 128
     use_chat_template: bool | None = None
@@ -98,6 +103,8 @@ class EnvConfig:
     precision: str | torch.dtype | None = None
 
     def __post_init__(self):
+        if self.task is not None and (self.prompts is not None or self.reward is not None):
+            raise ValueError("task= gives the env its prompts and its reward; leave prompts and reward unset")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise TypeError(f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
         for name in ("max_new_tokens", "max_prompt_tokens"):

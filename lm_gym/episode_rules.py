@@ -101,10 +101,17 @@ class TokenEpisodes:
         """Load the model and resolve the prompts, the reward and the stop tokens of ``config``."""
         model, tokenizer = resolve_model(config.model, config.tokenizer, config.device, config.lm_dtype())
         reference = ReferenceModel(model, tokenizer)
-        reward = as_reward(config.reward) if config.reward is not None else default_reward()
+        prompts, reward = config.prompts, config.reward
+        if config.task is not None:
+            from lm_gym.tasks import TRAIN_PROBLEMS, make_task  # here: lm_gym.tasks' evaluation imports this module
+
+            task = make_task(config.task)
+            problems = task.problems("train", TRAIN_PROBLEMS)
+            prompts, reward = [problem.prompt for problem in problems], task.reward(problems)
+        reward = as_reward(reward) if reward is not None else default_reward()
         reward.bind(reference)
         stop_token_ids = resolve_stop_tokens(tokenizer, model, config.stop_token_ids)
-        return cls(config, num_rows, reference, load_prompts(config.prompts), reward, stop_token_ids)
+        return cls(config, num_rows, reference, load_prompts(prompts), reward, stop_token_ids)
 
     def _markers(self) -> TurnMarkers:
         stop_text = self.tokenizer.decode(self.stop_token_ids[:1].tolist())

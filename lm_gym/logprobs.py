@@ -25,10 +25,11 @@ CHUNK_POSITIONS = 256  # positions per output-head chunk: 256 x 49,152 float32 l
 
 
 class TokenLogprobs(NamedTuple):
-    """log π(token) and the entropy of π at each scored position, float32."""
+    """log π(token), the entropy of π and KL(π ‖ π_ref) at each scored position, float32."""
 
     logprobs: torch.Tensor  # (N,)
     entropy: torch.Tensor | None  # (N,), or None when not asked for
+    kl: torch.Tensor | None = None  # (N,) the exact KL over the vocabulary, or None without a reference
 
 
 def mask_logits(logits: torch.Tensor, allowed) -> torch.Tensor:
@@ -92,7 +93,7 @@ def check_output_logits(model) -> None:
 
 def token_logprobs(
     model, hidden: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0, allowed=None,
-    entropy: bool = False, entropy_grad: bool = False, chunk: int = CHUNK_POSITIONS,
+    entropy: bool = False, entropy_grad: bool = False, chunk: int = CHUNK_POSITIONS, reference=None,
 ) -> TokenLogprobs:
     """log π(tokens | hidden) for π = softmax(logits / temperature) over the allowed tokens, ``chunk``
     positions at a time, float32.
@@ -103,37 +104,53 @@ def token_logprobs(
     :param allowed: the allowed-token mask (see :func:`mask_logits`), or None.
     :param entropy: also compute the entropy of π at each position; without ``entropy_grad`` it carries no
         gradient (a statistic), which spares backward its recomputation.
+    :param reference: ``(reference_model, reference_hidden)``, the reference LM and its (N, H) last hidden
+        states at the same positions: also compute the exact KL(π ‖ π_ref) = Σ_v π(v) (log π(v) - log
+        π_ref(v)) over the whole vocabulary at each position, with its gradient through π; π_ref is the
+        reference's own softmax (temperature 1, every token), as the env's ``ref_logprob`` scores it.
     """
     if hidden.shape[:-1] != tokens.shape or tokens.ndim != 1:
         raise ValueError(f"hidden (N, H) and tokens (N,) must agree; got {tuple(hidden.shape)} and {tuple(tokens.shape)}")
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
 
-    def score(states: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    reference_model, reference_hidden = reference if reference is not None else (None, None)
+    if reference_hidden is not None and reference_hidden.shape[0] != len(tokens):
+        raise ValueError(f"reference hidden states {tuple(reference_hidden.shape)} must have one row per token ({len(tokens)})")
+
+    def pad_rows(states: torch.Tensor) -> torch.Tensor:
+        return torch.cat([states, states.new_zeros(round_up(len(states), SHAPE_MULTIPLE) - len(states), states.shape[1])])
+
+    def score(states: torch.Tensor, chosen: torch.Tensor, reference_states=None) -> tuple[torch.Tensor, ...]:
         rows = len(chosen)
-        padding = round_up(rows, SHAPE_MULTIPLE) - rows
-        states = torch.cat([states, states.new_zeros(padding, states.shape[1])])
-        chosen = torch.cat([chosen, chosen.new_zeros(padding)])
-        logits = output_logits(model, states)
+        logits = output_logits(model, pad_rows(states))
         logits = logits if temperature == 1.0 else logits / temperature
         logprobs = torch.log_softmax(mask_logits(logits, allowed), dim=-1)
-        chosen_logprob = logprobs.gather(1, chosen[:, None])[:rows, 0]
+        chosen_logprob = logprobs.gather(1, torch.cat([chosen, chosen.new_zeros(len(logits) - rows)])[:, None])[:rows, 0]
+        kl = chosen_logprob.new_zeros(())
+        if reference_states is not None:
+            with torch.no_grad():
+                reference_logprobs = torch.log_softmax(output_logits(reference_model, pad_rows(reference_states)), -1)
+            kl = (logprobs.exp() * (logprobs - reference_logprobs))[:rows].sum(dim=-1)
         if not entropy:
-            return chosen_logprob, chosen_logprob.new_zeros(())
+            return chosen_logprob, chosen_logprob.new_zeros(()), kl
         # after the chosen log-prob: a recomputation for backward stops before this when it has no gradient
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            return chosen_logprob, -(logprobs[:rows].exp() * logprobs[:rows]).sum(dim=-1)
+            return chosen_logprob, -(logprobs[:rows].exp() * logprobs[:rows]).sum(dim=-1), kl
 
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     parts = []
     for start in range(0, len(tokens), chunk):
-        args = (hidden[start : start + chunk], tokens[start : start + chunk])
+        window = slice(start, start + chunk)
+        args = (hidden[window], tokens[window], None if reference_hidden is None else reference_hidden[window])
         parts.append(checkpoint(score, *args, use_reentrant=False) if recompute else score(*args))
     if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
-        return TokenLogprobs(empty, empty if entropy else None)
-    logprobs = torch.cat([p[0] for p in parts])
-    return TokenLogprobs(logprobs, torch.cat([p[1] for p in parts]) if entropy else None)
+        return TokenLogprobs(empty, empty if entropy else None, empty if reference is not None else None)
+    def joined(index: int, wanted: bool = True) -> torch.Tensor | None:
+        return torch.cat([part[index] for part in parts]) if wanted else None
+
+    return TokenLogprobs(joined(0), joined(1, entropy), joined(2, reference is not None))
 
 
 def next_token_nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor,

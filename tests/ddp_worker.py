@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from agents import distributed
-from agents.train import TrainConfig, default_task, make_agent, make_rank_env, train_iteration
+from agents.train import TrainConfig, training_data, make_agent, make_rank_env, train_iteration
 
 
 def flat_parameters(module) -> torch.Tensor:
@@ -22,7 +22,7 @@ def main(out: Path, num_envs: int) -> None:
     distributed.setup()
     config = TrainConfig(model="tiny", num_envs=num_envs, iterations=3, max_new_tokens=4, max_prompt_tokens=48,
                          eval_prompts=4, learning_rate=1e-3, batch_size=16, critic_warmup=1)
-    env = make_rank_env(config, default_task(config))
+    env = make_rank_env(config, training_data(config))
     agent = make_agent(config, env)
     start, lm_start, timesteps = flat_parameters(agent.policy), flat_parameters(agent.actor_critic.lm), []
     for iteration in range(config.iterations):

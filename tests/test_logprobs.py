@@ -38,8 +38,8 @@ def test_chunks_give_the_full_vocabulary_values_and_gradients(lm, chunk):
         hidden = last_hidden_states(model, ids, mask)[:, :-1][mask[:, 1:].bool()]
         tokens = ids[:, 1:][mask[:, 1:].bool()]
         if chunked:
-            logprobs, entropy = token_logprobs(model, hidden, tokens, temperature=0.7, allowed=allowed, entropy=True,
-                                               entropy_grad=True, chunk=chunk)
+            logprobs, entropy, _ = token_logprobs(model, hidden, tokens, temperature=0.7, allowed=allowed,
+                                                  entropy=True, entropy_grad=True, chunk=chunk)
         else:
             logprobs, entropy = full_vocabulary(model, hidden, tokens, 0.7, allowed)
         (logprobs.sum() + 0.1 * entropy.sum()).backward()

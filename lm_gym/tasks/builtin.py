@@ -1,0 +1,78 @@
+"""Two small tasks that need no extra package: adding two numbers and reversing a short string.
+
+Each problem goes to the ``"eval"`` split or the ``"train"`` split by a hash of what it asks (a fifth are
+held out), so no held-out problem is ever trained on; within a split, problems are drawn from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import string
+import zlib
+
+import numpy as np
+
+from lm_gym.tasks.answers import ANSWER_FORMAT, numbers_equal
+from lm_gym.tasks.base import Problem, Task
+
+HELD_OUT_EVERY = 5  # one problem in 5 belongs to the eval split
+
+
+def split_of(key: str) -> str:
+    """The split a problem belongs to, from a stable hash of ``key`` (what it asks)."""
+    return "eval" if zlib.crc32(key.encode()) % HELD_OUT_EVERY == 0 else "train"
+
+
+class SampledTask(Task):
+    """A task whose problems are drawn at random and assigned to a split by :func:`split_of`."""
+
+    seed: int = 0
+
+    def draw(self, rng: np.random.Generator) -> tuple[str, Problem]:
+        """One random problem and the key that decides its split."""
+        raise NotImplementedError
+
+    def make_problems(self, split: str, count: int) -> list[Problem]:
+        rng = np.random.default_rng([self.seed, 0 if split == "train" else 1])
+        problems: dict[str, Problem] = {}
+        for _ in range(200 * count):
+            key, problem = self.draw(rng)
+            if split_of(key) == split:
+                problems.setdefault(key, problem)
+                if len(problems) == count:
+                    return list(problems.values())
+        raise ValueError(f"task {self.name!r} has fewer than {count} distinct {split} problems; ask for fewer")
+
+
+class Addition(SampledTask):
+    """"What is a + b?" for a and b of ``digits`` digits; the answer is compared as an exact number."""
+
+    def __init__(self, digits: int = 2, seed: int = 0):
+        if not 1 <= digits <= 12:
+            raise ValueError(f"digits={digits}; expected 1 to 12")
+        self.digits, self.seed, self.name = digits, seed, "addition"
+
+    def draw(self, rng):
+        low = 10 ** (self.digits - 1) if self.digits > 1 else 0
+        a, b = (int(x) for x in rng.integers(low, 10**self.digits, size=2))
+        return f"{a}+{b}", Problem(f"What is {a} + {b}? {ANSWER_FORMAT}", str(a + b))
+
+    def is_correct(self, problem, answer):
+        return numbers_equal(answer, problem.answer)
+
+
+class Reverse(SampledTask):
+    """"Reverse the letters of 'abc'." for random lowercase strings of ``min_length`` to ``max_length``
+    letters; the answer must be the reversed string exactly (case and surrounding quotes aside)."""
+
+    def __init__(self, min_length: int = 3, max_length: int = 4, seed: int = 0):
+        if not 1 <= min_length <= max_length <= 40:
+            raise ValueError(f"lengths {min_length}..{max_length}; expected 1 <= min_length <= max_length <= 40")
+        self.min_length, self.max_length, self.seed, self.name = min_length, max_length, seed, "reverse"
+
+    def draw(self, rng):
+        length = int(rng.integers(self.min_length, self.max_length + 1))
+        word = "".join(rng.choice(list(string.ascii_lowercase), size=length))
+        return word, Problem(f"Reverse the letters of '{word}'. {ANSWER_FORMAT}", word[::-1])
+
+    def is_correct(self, problem, answer):
+        return answer.strip().strip("'\"").lower() == problem.answer
