@@ -175,18 +175,32 @@ def _no_reward(prompts, responses, **context):
 
 
 def _add_eval(commands) -> None:
-    evaluate = commands.add_parser("eval", help="mean reward, components, KL and length on held-out prompts")
-    evaluate.add_argument("--model", required=True, help="the model to evaluate (e.g. a run's model/ directory)")
+    evaluate = commands.add_parser("eval", help="mean reward, components, KL and length on held-out prompts; "
+                                                "with --task, accuracy on a task's held-out problems")
+    evaluate.add_argument("--model", help="the model to evaluate (e.g. a run's model/ directory; with --task "
+                                          "default 'default')")
     evaluate.add_argument("--reference", default="default", help="the reference model for the KL")
     evaluate.add_argument("--eval-prompts", type=int, default=16)
     evaluate.add_argument("--alpha", type=float, default=0.5)
+    evaluate.add_argument("--task", help="a verifiable task ('addition', 'reverse', 'reasoning-gym:NAME'): greedy "
+                                         "accuracy and pass@k on its held-out problems, with 95%% intervals")
+    evaluate.add_argument("--problems", type=int, default=200, help="held-out problems of --task")
+    evaluate.add_argument("--samples", type=int, default=8, help="k of pass@k with --task")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64, help="response length limit with --task")
+    evaluate.add_argument("--system-prompt", default=None, help="a system message before each --task problem "
+                                                                "(as the training run had it; default none)")
     evaluate.add_argument("--seed", type=int, default=0)
     _add_precision(evaluate)
     evaluate.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Evaluate a model as a policy on the held-out default prompts, against a reference model."""
+    """Evaluate a model as a policy on the held-out default prompts, against a reference model, or its accuracy
+    on a task's held-out problems."""
+    if args.task is not None:
+        return run_task_eval(args)
+    if args.model is None:
+        raise ValueError("lm-gym eval needs --model (or --task, which defaults to the default model)")
     from agents.ppo import LMPPO
     from agents.evaluation import evaluate
     from agents.train import TrainConfig, make_env, split_prompts
@@ -200,6 +214,22 @@ def run_eval(args: argparse.Namespace) -> int:
     record = evaluate(agent, env, prompts, args.seed)
     parts = ", ".join(f"{k}={v:.3f}" for k, v in record["components"].items())
     print(f"reward {record['reward']:.3f} ({parts}); KL {record['kl']:.3f}; length {record['length']:.0f} chars")
+    return 0
+
+
+def run_task_eval(args: argparse.Namespace) -> int:
+    """Greedy accuracy and pass@k of a model on a task's held-out problems, with 95% Wilson intervals."""
+    from lm_gym.precision import resolve_precision
+    from lm_gym.tasks import evaluate_task, make_task
+
+    precision = resolve_precision(args.precision, None)
+    model, tokenizer = lm_gym.load_model(args.model or "default", dtype=precision.dtype)
+    result = evaluate_task(model, tokenizer, make_task(args.task), problems=args.problems, samples=args.samples,
+                           max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None, seed=args.seed)
+    print(f"{args.task}, {args.problems} held-out problems:")
+    print(f"  greedy accuracy  {result['greedy']}")
+    print(f"  pass@{args.samples:<10} {result[f'pass@{args.samples}']}")
+    print(f"  answer format    {result['formatted']:.1%} of greedy responses")
     return 0
 
 

@@ -455,8 +455,8 @@ class LMPPO(PPO):
         sub = data.select(rows)
         actor_critic = self.data_parallel or self.policy.actor_critic  # DDP averages the gradients across ranks
         valid = sub.mask.bool()
-        log_prob, entropy, values = actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), valid,
-                                                 self.rollout.allowed, actor, entropy_grad=bool(self.ent_coef))
+        log_prob, entropy, values, _ = actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), valid,
+                                                    self.rollout.allowed, actor, entropy_grad=bool(self.ent_coef))
         count = data.mask[minibatch].sum()
 
         def mean(per_token: torch.Tensor) -> torch.Tensor:  # the minibatch's mean, over this part's tokens

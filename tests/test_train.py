@@ -34,7 +34,8 @@ def test_run_directory_holds_every_artefact(tmp_path):
     assert {"feedback", "fluency", "missing_eos"} == set(state["after"]["components"])
     exported = lm_gym.LanguageModelEnv(model=str(tmp_path / "model"), max_new_tokens=2, reward=lambda p, r, **c: [0.0])
     exported.reset(seed=0)
-    assert TrainConfig.from_toml(tmp_path / "config.toml") == TrainConfig(**TINY, precision="fp32")  # as resolved
+    resolved = TrainConfig(**TINY, precision="fp32", group_size=1)
+    assert TrainConfig.from_toml(tmp_path / "config.toml") == resolved  # as resolved
     assert 'precision = "fp32"  # ' in (tmp_path / "config.toml").read_text()  # with the reason
 
 

@@ -1,0 +1,129 @@
+"""Verifiable tasks: answer extraction, exact numbers, the reward's credit, disjoint splits, the env and
+training on a task, reasoning-gym's datasets, and held-out accuracy with Wilson intervals."""
+
+from fractions import Fraction
+
+import gymnasium as gym
+import pytest
+
+import lm_gym
+from lm_gym.tasks import (
+    Addition, Reverse, TaskAccuracy, evaluate_task, extract_answer, make_task, numbers_equal, parse_number,
+    wilson_interval,
+)
+
+
+def test_the_last_answer_span_counts():
+    assert extract_answer("I think <answer>12</answer>, no: <ANSWER> 13 </answer>.") == "13"
+    assert extract_answer("<answer>two\nlines</answer>") == "two\nlines"
+    assert extract_answer("the answer is 12") is None
+    assert extract_answer("<answer>12") is None
+
+
+@pytest.mark.parametrize("text, value", [
+    ("7", 7), ("+7", 7), ("7.0", 7), (" 7 ", 7), ("7/1", 7), ("14/2", 7), ("-0", 0), ("1,000", 1000),
+    ("1e3", 1000), ("0.1", Fraction(1, 10)), ("-2.50", Fraction(-5, 2)),
+])
+def test_numbers_read_exactly(text, value):
+    assert parse_number(text) == value and numbers_equal(text, value) and numbers_equal(text, str(value))
+
+
+@pytest.mark.parametrize("text", ["seven", "7 apples", "", "1,00", "7/0", "0x7", "7.", "--7"])
+def test_words_and_malformed_numbers_are_not_numbers(text):
+    assert not numbers_equal(text, 7)
+
+
+def test_numbers_compare_exactly_not_approximately():
+    assert not numbers_equal("0.3333333", Fraction(1, 3)) and numbers_equal("1/3", Fraction(1, 3))
+    assert not numbers_equal("7.000001", 7)
+
+
+def test_the_reward_gives_one_for_correct_a_little_for_the_format_and_nothing_else():
+    task = Addition()
+    problem = task.problems("train", 1)[0]
+    reward = task.reward([problem])
+    responses = [f"<answer>{problem.answer}</answer>", f"<answer>+{problem.answer}.0</answer>",
+                 "<answer>-1</answer>", problem.answer]
+    output = reward.evaluate([problem.prompt] * 4, responses)
+    assert output.total.tolist() == pytest.approx([1.0, 1.0, 0.1, 0.0])
+    assert output.components["correct"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert output.components["formatted"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    with pytest.raises(KeyError, match="is not one of the 1 problems of task 'addition'"):
+        reward.evaluate(["What is 1 + 1?"], ["<answer>2</answer>"])
+
+
+@pytest.mark.parametrize("task", [Addition(), Addition(digits=3), Reverse()], ids=repr)
+def test_training_and_held_out_problems_never_overlap_and_repeat(task):
+    train, held_out = task.problems("train", 500), task.problems("eval", 100)
+    assert not {p.prompt for p in train} & {p.prompt for p in held_out}
+    assert len({p.prompt for p in train}) == 500 and task.problems("eval", 100) == held_out
+    assert "<answer>" in train[0].prompt  # the answer format is part of the prompt
+    assert all(task.is_correct(p, p.answer) for p in train[:20])
+
+
+def test_reverse_checks_the_reversed_string():
+    task = Reverse()
+    problem = task.problems("eval", 1)[0]
+    assert task.is_correct(problem, f"'{problem.answer.upper()}'")
+    assert not task.is_correct(problem, problem.answer[::-1] + "x")
+
+
+def test_bad_task_requests_are_refused():
+    with pytest.raises(ValueError, match="unknown task 'sudoku'; expected one of"):
+        make_task("sudoku")
+    with pytest.raises(ValueError, match="split='test'"):
+        Addition().problems("test", 3)
+    with pytest.raises(ValueError, match="fewer than 50 distinct eval problems"):
+        Addition(digits=1).problems("eval", 50)
+    with pytest.raises(ValueError, match="go to make_task with a task name"):
+        make_task(Addition(), digits=3)
+    with pytest.raises(ValueError, match="leave prompts and reward unset"):
+        lm_gym.EnvConfig(task="addition", prompts=["hi"])
+
+
+def test_the_env_takes_a_task_and_scores_the_answer(tiny):
+    model, tokenizer = tiny
+    env = gym.make("LanguageModelEnv-v0", model=model, tokenizer=tokenizer, task="addition", max_new_tokens=24,
+                   max_prompt_tokens=96)
+    task = make_task("addition")
+    by_prompt = {p.prompt: p for p in task.problems("train", lm_gym.tasks.TRAIN_PROBLEMS)}
+    for offset, expected in ((0, 1.0), (1, 0.1)):
+        env.reset(seed=offset)
+        prompt = env.unwrapped.episodes.turns[0][0]["text"]
+        answer = int(by_prompt[prompt].answer) + offset
+        actions = tokenizer(f"<answer>{answer}</answer>", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        for action in actions:
+            _, reward, terminated, truncated, info = env.step(action)
+        assert terminated and reward == pytest.approx(expected)
+        assert info["reward_components"]["correct"] == float(offset == 0)
+
+
+def test_reasoning_gym_datasets_with_disjoint_seeds_and_robust_numbers():
+    task = make_task("reasoning-gym:leg_counting", min_animals=2, max_animals=3)
+    train, held_out = task.problems("train", 30), task.problems("eval", 30)
+    assert not {p.prompt for p in train} & {p.prompt for p in held_out}
+    problem = held_out[0]
+    assert "leg" in problem.prompt and "<answer>" in problem.prompt
+    reward = task.reward(held_out)
+    scores = reward([problem.prompt] * 4, [f"<answer>{v}</answer>" for v in
+                                           (problem.answer, f"+{problem.answer}", f"{problem.answer}.0", "seven")])
+    assert scores.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.1])
+    with pytest.raises(ValueError, match="reasoning-gym has no dataset 'leg_count'"):
+        make_task("reasoning-gym:leg_count")
+
+
+def test_wilson_intervals_by_hand():
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 20)[1] == pytest.approx(0.1611, abs=1e-4)
+    assert str(TaskAccuracy(8, 10)) == "80.0% (8/10; 95% interval 49.0%-94.3%)"
+
+
+def test_held_out_accuracy_of_a_model_is_reproducible(tiny):
+    model, tokenizer = tiny
+    task = Reverse()
+    result = evaluate_task(model, tokenizer, task, problems=6, samples=2, max_new_tokens=4)
+    assert result["greedy"].total == 6 and result["pass@2"].total == 6
+    assert [prompt for prompt, _, _ in result["responses"]] == [p.prompt for p in task.problems("eval", 6)]
+    again = evaluate_task(model, tokenizer, task, problems=6, samples=2, max_new_tokens=4, seed=1)
+    assert again["responses"] == result["responses"]  # greedy: the same whatever the sampling seed
