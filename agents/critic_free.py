@@ -96,8 +96,11 @@ class CriticFreePPO(LMPPO):
     # --- rollouts ------------------------------------------------------------------------------------
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
-        """LMPPO's rollout, on fresh episodes: the update trains on whole episodes only."""
-        self.reset_episodes()
+        """LMPPO's rollout, on fresh episodes (reset here unless :meth:`reset_episodes` just did): the update
+        trains on whole episodes only."""
+        if not getattr(self, "fresh_episodes", False):
+            self.reset_episodes()
+        self.fresh_episodes = False
         return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def _training_batch(self) -> SegmentBatch | None:

@@ -179,6 +179,7 @@ class LMPPO(PPO):
         """Reset the env now, so that the next rollout starts fresh episodes (not the ones the last cut)."""
         self._last_obs = self.env.reset()
         self._last_episode_starts = np.ones((self.env.num_envs,), dtype=bool)
+        self.fresh_episodes = True  # until a rollout plays them
 
     # --- rollouts ------------------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ import pytest
 
 import lm_gym
 from lm_gym.tasks import (
-    Addition, Reverse, TaskAccuracy, evaluate_task, extract_answer, make_task, numbers_equal, parse_number,
-    wilson_interval,
+    Addition, Multiplication, Reverse, TaskAccuracy, evaluate_task, extract_answer, make_task, numbers_equal,
+    parse_number, wilson_interval,
 )
+from lm_gym.tasks.answers import last_number
 
 
 def test_the_last_answer_span_counts():
@@ -20,15 +21,23 @@ def test_the_last_answer_span_counts():
     assert extract_answer("<answer>12") is None
 
 
+@pytest.mark.parametrize("response, number", [
+    ("47 + 38 = 85", "85"), ("It is 1,085.", "1,085"), ("-3.5 degrees", "-3.5"), ("1/3 of it", "1/3"),
+    ("x2 and 7", "7"), ("no digits here", None), ("version v2", None),
+])
+def test_the_last_number_is_the_answer(response, number):
+    assert last_number(response) == number
+
+
 @pytest.mark.parametrize("text, value", [
-    ("7", 7), ("+7", 7), ("7.0", 7), (" 7 ", 7), ("7/1", 7), ("14/2", 7), ("-0", 0), ("1,000", 1000),
+    ("7", 7), ("+7", 7), ("7.0", 7), ("7.", 7), (" 7 ", 7), ("7/1", 7), ("14/2", 7), ("-0", 0), ("1,000", 1000),
     ("1e3", 1000), ("0.1", Fraction(1, 10)), ("-2.50", Fraction(-5, 2)),
 ])
 def test_numbers_read_exactly(text, value):
     assert parse_number(text) == value and numbers_equal(text, value) and numbers_equal(text, str(value))
 
 
-@pytest.mark.parametrize("text", ["seven", "7 apples", "", "1,00", "7/0", "0x7", "7.", "--7"])
+@pytest.mark.parametrize("text", ["seven", "7 apples", "", "1,00", "7/0", "0x7", "--7", "7 7"])
 def test_words_and_malformed_numbers_are_not_numbers(text):
     assert not numbers_equal(text, 7)
 
@@ -42,22 +51,27 @@ def test_the_reward_gives_one_for_correct_a_little_for_the_format_and_nothing_el
     task = Addition()
     problem = task.problems("train", 1)[0]
     reward = task.reward([problem])
-    responses = [f"<answer>{problem.answer}</answer>", f"<answer>+{problem.answer}.0</answer>",
-                 "<answer>-1</answer>", problem.answer]
+    responses = [f"The sum is {problem.answer}", f"+{problem.answer}.0", "It is 3.", "eighty-five"]
     output = reward.evaluate([problem.prompt] * 4, responses)
     assert output.total.tolist() == pytest.approx([1.0, 1.0, 0.1, 0.0])
     assert output.components["correct"].tolist() == [1.0, 1.0, 0.0, 0.0]
     assert output.components["formatted"].tolist() == [1.0, 1.0, 1.0, 0.0]
     with pytest.raises(KeyError, match="is not one of the 1 problems of task 'addition'"):
-        reward.evaluate(["What is 1 + 1?"], ["<answer>2</answer>"])
+        reward.evaluate(["What is 1 + 1?"], ["2"])
+    tagged = Reverse()
+    word = tagged.problems("train", 1)[0]
+    scores = tagged.reward([word])([word.prompt] * 3, [f"<answer>{word.answer}</answer>", "<answer>x</answer>",
+                                                       word.answer])
+    assert scores.tolist() == pytest.approx([1.0, 0.1, 0.0])  # the tagged format: an untagged answer is not one
 
 
-@pytest.mark.parametrize("task", [Addition(), Addition(digits=3), Reverse()], ids=repr)
+@pytest.mark.parametrize("task", [Addition(), Addition(digits=(3, 3)), Multiplication(), Reverse()], ids=repr)
 def test_training_and_held_out_problems_never_overlap_and_repeat(task):
     train, held_out = task.problems("train", 500), task.problems("eval", 100)
     assert not {p.prompt for p in train} & {p.prompt for p in held_out}
     assert len({p.prompt for p in train}) == 500 and task.problems("eval", 100) == held_out
-    assert "<answer>" in train[0].prompt  # the answer format is part of the prompt
+    assert ("<answer>" in train[0].prompt) == isinstance(task, Reverse)  # the answer format is part of the prompt
+    assert "Answer with a number." in train[0].prompt or isinstance(task, Reverse)
     assert all(task.is_correct(p, p.answer) for p in train[:20])
 
 
@@ -74,7 +88,7 @@ def test_bad_task_requests_are_refused():
     with pytest.raises(ValueError, match="split='test'"):
         Addition().problems("test", 3)
     with pytest.raises(ValueError, match="fewer than 50 distinct eval problems"):
-        Addition(digits=1).problems("eval", 50)
+        Addition(digits=(1, 1)).problems("eval", 50)
     with pytest.raises(ValueError, match="go to make_task with a task name"):
         make_task(Addition(), digits=3)
     with pytest.raises(ValueError, match="leave prompts and reward unset"):

@@ -1,7 +1,7 @@
 """Verifiable tasks: prompts plus a checker, for RL on answers a program can check.
 
-A task makes training and held-out problems (disjoint) and checks a response's final answer, given between
-``<answer>`` and ``</answer>`` as every prompt asks (:mod:`lm_gym.tasks.answers`). Its reward gives 1 for a
+A task makes training and held-out problems (disjoint) and checks a response's final answer, in the format its
+prompts ask for: between ``<answer>`` and ``</answer>``, or the last number written (:mod:`lm_gym.tasks.answers`). Its reward gives 1 for a
 correct answer, 0.1 for a wrong one in the format and 0 otherwise (:class:`lm_gym.tasks.base.TaskReward`).
 
 In three lines::
@@ -10,18 +10,20 @@ In three lines::
     task = lm_gym.tasks.make_task("reasoning-gym:leg_counting")        # pip install lm-gym[reasoning]
     accuracy = lm_gym.tasks.evaluate_task(model, tokenizer, task)      # held out, with 95% intervals
 
-Built in: ``"addition"`` (two 2-digit numbers) and ``"reverse"`` (a 3-4 letter string), :mod:`lm_gym.tasks.builtin`;
-any reasoning-gym dataset as ``"reasoning-gym:NAME"``.
+Built in (:mod:`lm_gym.tasks.builtin`): ``"addition"`` (two 2-digit numbers) and ``"multiplication"`` (2 digits
+times 1), answered with a number, which the default model solves 5-60% of the time before training, and
+``"reverse"`` (a 3-4 letter string, in ``<answer>`` tags), which it never does; any reasoning-gym dataset as
+``"reasoning-gym:NAME"``.
 """
 
 from __future__ import annotations
 
 from lm_gym.tasks.answers import ANSWER_FORMAT, extract_answer, numbers_equal, parse_number
 from lm_gym.tasks.base import Problem, Task, TaskReward
-from lm_gym.tasks.builtin import Addition, Reverse
+from lm_gym.tasks.builtin import Addition, Arithmetic, Multiplication, Reverse
 from lm_gym.tasks.evaluation import TaskAccuracy, evaluate_task, wilson_interval
 
-BUILT_IN = {"addition": Addition, "reverse": Reverse}
+BUILT_IN = {"addition": Addition, "multiplication": Multiplication, "reverse": Reverse}
 REASONING_GYM_PREFIX = "reasoning-gym:"
 TRAIN_PROBLEMS = 2000  # training problems an env made with task= draws its prompts from
 
@@ -46,7 +48,7 @@ def make_task(task, **options) -> Task:
 
 
 __all__ = [
-    "ANSWER_FORMAT", "Addition", "BUILT_IN", "Problem", "Reverse", "TRAIN_PROBLEMS", "Task", "TaskAccuracy",
+    "ANSWER_FORMAT", "Addition", "Arithmetic", "BUILT_IN", "Multiplication", "Problem", "Reverse", "TRAIN_PROBLEMS", "Task", "TaskAccuracy",
     "TaskReward", "evaluate_task", "extract_answer", "make_task", "numbers_equal", "parse_number",
     "wilson_interval",
 ]

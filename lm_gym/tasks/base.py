@@ -1,9 +1,10 @@
 """A verifiable task: problems with known answers, and a reward that checks a response's final answer.
 
-A :class:`Task` makes its problems for a split (``"train"`` or ``"eval"``, never overlapping) and checks
-an answer (:meth:`Task.is_correct`). :meth:`Task.reward` is the reward an env scores responses with: 1 for
-a correct final answer, ``format_credit`` (default 0.1) for an answer in the right format that is wrong, 0
-for a response without one (:mod:`lm_gym.tasks.answers`). Its components, which the env puts into
+A :class:`Task` makes its problems for a split (``"train"`` or ``"eval"``, never overlapping), reads the
+final answer out of a response in the format its prompts ask for (:meth:`Task.extract_answer`, by default the
+``<answer>`` span) and checks it (:meth:`Task.is_correct`). :meth:`Task.reward` is the reward an env scores
+responses with: 1 for a correct final answer, ``format_credit`` (default 0.1) for an answer in the format
+that is wrong, 0 for a response without one (:mod:`lm_gym.tasks.answers`). Its components, which the env puts into
 ``info["reward_components"]``, are ``correct`` and ``formatted`` (each 0 or 1).
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from lm_gym.rewards.base import Reward, RewardOutput
-from lm_gym.tasks.answers import extract_answer
+from lm_gym.tasks import answers
 
 SPLITS = ("train", "eval")
 
@@ -45,6 +46,10 @@ class Task:
     def is_correct(self, problem: Problem, answer: str) -> bool:
         """Whether ``answer`` (the extracted final answer) solves ``problem``."""
         raise NotImplementedError
+
+    def extract_answer(self, response: str) -> str | None:
+        """The final answer of ``response`` in the format the prompts ask for: the last ``<answer>`` span."""
+        return answers.extract_answer(response)
 
     def problems(self, split: str, count: int) -> list[Problem]:
         """``count`` problems of ``split`` (``"train"`` or ``"eval"``, disjoint)."""
@@ -82,7 +87,7 @@ class TaskReward(Reward):
         if problem is None:
             raise KeyError(f"the prompt {prompt!r:.120} is not one of the {len(self.by_prompt)} problems of task "
                            f"{self.task.name!r} this reward checks")
-        answer = extract_answer(response)
+        answer = self.task.extract_answer(response)
         return answer is not None and self.task.is_correct(problem, answer), answer is not None
 
     def evaluate(self, prompts, responses, **context) -> RewardOutput:

