@@ -109,3 +109,25 @@ def test_samples_md_reports_each_components_change_in_standard_errors(tmp_path):
     names = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
     assert names == ["reward", "feedback", "fluency", "missing_eos", "EOS rate", "KL to the reference (nats)"]
     assert table.splitlines()[2].endswith(" SE) |")  # the reward's change, in combined standard errors
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce++"])
+def test_critic_free_training_on_a_task(tmp_path, algo):
+    config = TrainConfig(**{**TINY, "iterations": 2}, algo=algo, task="addition", group_size=2,
+                         max_prompt_tokens=64)
+    state = run(config, tmp_path)
+    assert {"addition", "correct", "formatted", "missing_eos"} == set(state["after"]["components"])
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    saved = TrainConfig.from_toml(tmp_path / "config.toml")
+    assert (saved.algo, saved.task, saved.group_size) == (algo, "addition", 2)
+
+
+def test_bad_algorithm_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="algo='a2c'"):
+        run(TrainConfig(**TINY, algo="a2c"), tmp_path)
+    with pytest.raises(ValueError, match="ppo puts it in the reward"):
+        run(TrainConfig(**TINY, kl="loss"), tmp_path)
+    with pytest.raises(ValueError, match="not a multiple of group_size=3"):
+        run(TrainConfig(**TINY, algo="grpo", task="addition", group_size=3), tmp_path)

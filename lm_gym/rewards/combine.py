@@ -57,11 +57,16 @@ class WeightedSum(Reward):
             reward.refresh()
 
     def evaluate(self, prompts, responses, **context) -> RewardOutput:
-        """Score every component once; return the weighted total and the raw components."""
+        """Score every component once; return the weighted total and the raw components (with the parts of a
+        component that has several, such as a task's ``correct`` and ``formatted``)."""
         total, components = torch.zeros(len(responses)), {}
         for weight, reward, name, stats in zip(self.weights, self.rewards, self.names, self.statistics):
-            scores = check_scores(name, reward(prompts, responses, **context), responses, reward.nonfinite).cpu()
+            output = reward.evaluate(prompts, responses, **context)
+            scores = check_scores(name, output.total, responses, reward.nonfinite).cpu()
             components[name] = scores
+            if len(output.components) > 1:
+                for part, values in output.components.items():
+                    components.setdefault(part, values.cpu())
             if self.normalize:
                 stats.update(scores)
                 scores = stats.normalise(scores)

@@ -45,21 +45,25 @@ class SampledTask(Task):
 
 
 class Arithmetic(SampledTask):
-    """"What is a OP b? Answer with a number." for a of ``digits[0]`` digits and b of ``digits[1]``; the last
-    number of the response is the answer, compared as an exact number (:func:`last_number`)."""
+    """"What is a OP b? Answer with a number." for a of ``digits[0]`` digits and b of ``digits[1]`` (in either
+    order with ``either_order``); the last number of the response is the answer, compared as an exact number
+    (:func:`last_number`)."""
 
     OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
-    def __init__(self, operation: str = "+", digits: tuple[int, int] = (2, 2), seed: int = 0, name: str | None = None):
+    def __init__(self, operation: str = "+", digits: tuple[int, int] = (2, 2), seed: int = 0, name: str | None = None,
+                 either_order: bool = False):
         if operation not in self.OPERATIONS:
             raise ValueError(f"operation={operation!r}; expected one of {sorted(self.OPERATIONS)}")
         if len(digits) != 2 or not all(1 <= d <= 12 for d in digits):
             raise ValueError(f"digits={digits!r}; expected two digit counts from 1 to 12")
-        self.operation, self.digits, self.seed = operation, tuple(digits), seed
+        self.operation, self.digits, self.seed, self.either_order = operation, tuple(digits), seed, either_order
         self.name = name or f"arithmetic{operation}"
 
     def draw(self, rng):
         a, b = (int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10**d)) for d in self.digits)
+        if self.either_order and rng.random() < 0.5:
+            a, b = b, a
         key = f"{a}{self.operation}{b}"
         return key, Problem(f"What is {a} {self.operation} {b}? {NUMBER_FORMAT}", str(self.OPERATIONS[self.operation](a, b)))
 
@@ -78,10 +82,11 @@ class Addition(Arithmetic):
 
 
 class Multiplication(Arithmetic):
-    """A two-digit number times a one-digit one, "What is 47 * 8?": the default model solves about 15% greedily."""
+    """A two-digit number times a one-digit one, in either order, "What is 47 * 8?": the default model solves
+    about 15% greedily."""
 
     def __init__(self, digits: tuple[int, int] = (2, 1), seed: int = 0):
-        super().__init__("*", digits, seed, "multiplication")
+        super().__init__("*", digits, seed, "multiplication", either_order=True)
 
 
 class Reverse(SampledTask):
