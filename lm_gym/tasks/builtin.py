@@ -83,7 +83,7 @@ class Addition(Arithmetic):
 
 class Multiplication(Arithmetic):
     """A two-digit number times a one-digit one, in either order, "What is 47 * 8?": the default model solves
-    about 15% greedily."""
+    about 28% greedily."""
 
     def __init__(self, digits: tuple[int, int] = (2, 1), seed: int = 0):
         super().__init__("*", digits, seed, "multiplication", either_order=True)
