@@ -77,8 +77,8 @@ class CriticFreePPO(LMPPO):
             raise ValueError(f"loss_normalization={loss_normalization!r}; expected one of {LOSS_NORMALIZATIONS}")
         for critic_setting in ("critic_warmup", "kl_target"):
             if kwargs.get(critic_setting):
-                raise ValueError(f"{critic_setting} is an LMPPO setting; {type(self).__name__} has no critic to warm up "
-                                 "and keeps β fixed")
+                raise ValueError(f"{critic_setting} is an LMPPO setting; {type(self).__name__} has no critic to "
+                                 "warm up and keeps β fixed")
         self.advantage, self.kl, self.loss_normalization = advantage, kl, loss_normalization
         self.filter_groups = filter_groups
         super().__init__(policy, env, kl_coef=kl_coef, n_epochs=n_epochs, normalize_reward=normalize_reward,

@@ -113,7 +113,9 @@ class RolloutCache:
         batch = backbone.batch
         extends, unchanged = backbone.extends(ids, mask), backbone.unchanged(ids, mask)
         fresh = (~(extends | unchanged)).nonzero().squeeze(1).tolist()
-        held = (batch.next_logprobs[unchanged].clone(), batch.next_hidden[unchanged].clone()) if unchanged.any() else None
+        held = None
+        if unchanged.any():
+            held = batch.next_logprobs[unchanged].clone(), batch.next_hidden[unchanged].clone()
         batch.append(ids[:, -1], record=extends, forward=extends)  # drops the KV history of the other rows
         if fresh:
             batch.prefill(fresh, [ids[row][mask[row].bool()].tolist() for row in fresh])

@@ -116,17 +116,20 @@ def token_logprobs(
 
     reference_model, reference_hidden = reference if reference is not None else (None, None)
     if reference_hidden is not None and reference_hidden.shape[0] != len(tokens):
-        raise ValueError(f"reference hidden states {tuple(reference_hidden.shape)} must have one row per token ({len(tokens)})")
+        raise ValueError(f"reference hidden states {tuple(reference_hidden.shape)} must have one row per token "
+                         f"({len(tokens)})")
 
     def pad_rows(states: torch.Tensor) -> torch.Tensor:
-        return torch.cat([states, states.new_zeros(round_up(len(states), SHAPE_MULTIPLE) - len(states), states.shape[1])])
+        padding = round_up(len(states), SHAPE_MULTIPLE) - len(states)
+        return torch.cat([states, states.new_zeros(padding, states.shape[1])])
 
     def score(states: torch.Tensor, chosen: torch.Tensor, reference_states=None) -> tuple[torch.Tensor, ...]:
         rows = len(chosen)
         logits = output_logits(model, pad_rows(states))
         logits = logits if temperature == 1.0 else logits / temperature
         logprobs = torch.log_softmax(mask_logits(logits, allowed), dim=-1)
-        chosen_logprob = logprobs.gather(1, torch.cat([chosen, chosen.new_zeros(len(logits) - rows)])[:, None])[:rows, 0]
+        padded_chosen = torch.cat([chosen, chosen.new_zeros(len(logits) - rows)])
+        chosen_logprob = logprobs.gather(1, padded_chosen[:, None])[:rows, 0]
         kl = chosen_logprob.new_zeros(())
         if reference_states is not None:
             with torch.no_grad():

@@ -1,7 +1,8 @@
 """Verifiable tasks: prompts plus a checker, for RL on answers a program can check.
 
-A task makes training and held-out problems (disjoint) and checks a response's final answer, in the format its
-prompts ask for: between ``<answer>`` and ``</answer>``, or the last number written (:mod:`lm_gym.tasks.answers`). Its reward gives 1 for a
+A task makes training and held-out problems (disjoint) and checks a response's final answer, in the format
+its prompts ask for: between ``<answer>`` and ``</answer>``, or the last number written
+(:mod:`lm_gym.tasks.answers`). Its reward gives 1 for a
 correct answer, 0.1 for a wrong one in the format and 0 otherwise (:class:`lm_gym.tasks.base.TaskReward`).
 
 In three lines::
@@ -48,7 +49,8 @@ def make_task(task, **options) -> Task:
 
 
 __all__ = [
-    "ANSWER_FORMAT", "Addition", "Arithmetic", "BUILT_IN", "Multiplication", "Problem", "Reverse", "TRAIN_PROBLEMS", "Task", "TaskAccuracy",
+    "ANSWER_FORMAT", "Addition", "Arithmetic", "BUILT_IN", "Multiplication", "Problem", "Reverse", "TRAIN_PROBLEMS",
+    "Task", "TaskAccuracy",
     "TaskReward", "evaluate_task", "extract_answer", "make_task", "numbers_equal", "parse_number",
     "wilson_interval",
 ]

@@ -65,7 +65,8 @@ class Arithmetic(SampledTask):
         if self.either_order and rng.random() < 0.5:
             a, b = b, a
         key = f"{a}{self.operation}{b}"
-        return key, Problem(f"What is {a} {self.operation} {b}? {NUMBER_FORMAT}", str(self.OPERATIONS[self.operation](a, b)))
+        answer = self.OPERATIONS[self.operation](a, b)
+        return key, Problem(f"What is {a} {self.operation} {b}? {NUMBER_FORMAT}", str(answer))
 
     def extract_answer(self, response):
         return last_number(response)

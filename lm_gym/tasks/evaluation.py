@@ -75,7 +75,8 @@ def evaluate_task(model, tokenizer, task: Task, problems: int = 200, samples: in
         texts = []
         for start in tqdm(range(0, len(rows), batch_size), desc=f"{task.name} (T={heat:g})", disable=None, leave=False):
             chunk = rows[start : start + batch_size]
-            generators = [torch.Generator(device=model.device).manual_seed(first_seed + start + i) for i in range(len(chunk))]
+            generators = [torch.Generator(device=model.device).manual_seed(first_seed + start + i)
+                          for i in range(len(chunk))]
             outputs = sample_continuations(model, chunk, [max_new_tokens] * len(chunk), generators, heat, stops,
                                            tokenizer.pad_token_id, max(map(len, chunk)) + max_new_tokens)
             texts += [tokenizer.decode([t for t in out if t not in stops.tolist()], skip_special_tokens=True)
