@@ -143,9 +143,7 @@ class CriticFreePPO(LMPPO):
     def _fill_advantages(self, data: SegmentBatch, minibatches: list[list[int]] | None = None) -> None:
         """Sequence (or REINFORCE++'s token) advantages of ``data``'s episodes, after the old log-probs are
         recomputed where LMPPO recomputes them."""
-        data.old_logprobs = data.logprobs
-        if self.recompute_logprobs or (self.recompute_logprobs is None and self.actor_critic.precision.reduced):
-            self._recompute_old(data, minibatches)
+        self._set_old_logprobs(data, minibatches)
         kl_coef = self.kl_coef if self.kl == "reward" else 0.0
         rewards = kl_shaped_rewards(data.scores, data.logprobs, data.ref_logprobs, data.mask, kl_coef)
         to_go = returns_to_go(rewards, data.mask)

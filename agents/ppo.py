@@ -370,10 +370,7 @@ class LMPPO(PPO):
     def _fill_advantages(self, data: SegmentBatch, minibatches: list[list[int]] | None = None) -> None:
         """Advantages and returns of ``data`` from the (normalised) rewards and the KL penalty, after the old
         log-probs and values are recomputed (see ``recompute_logprobs``) in the first epoch's ``minibatches``."""
-        recompute = self.recompute_logprobs
-        data.old_logprobs = data.logprobs
-        if recompute or (recompute is None and self.actor_critic.precision.reduced):
-            self._recompute_old(data, minibatches)
+        self._set_old_logprobs(data, minibatches)
         scores, scored = data.scores, data.scored.bool()
         scored_scores = distributed.gather(scores[scored])  # every rank's, for the same statistics everywhere
         if self.normalize_reward and len(scored_scores):
@@ -381,6 +378,13 @@ class LMPPO(PPO):
             normalised = self.reward_stats.normalise(scores).clamp(-self.reward_clip, self.reward_clip)
             scores = torch.where(scored, normalised, scores)
         data.compute_advantages(scores, self.kl_coef, self.gamma, self.gae_lambda)
+
+    def _set_old_logprobs(self, data: SegmentBatch, minibatches: list[list[int]] | None = None) -> None:
+        """PPO's old log-probs: the sampled ones, or the training forward's where ``recompute_logprobs`` says."""
+        data.old_logprobs = data.logprobs
+        recompute = self.recompute_logprobs
+        if recompute or (recompute is None and self.actor_critic.precision.reduced):
+            self._recompute_old(data, minibatches)
 
     @torch.no_grad()
     def _recompute_old(self, data: SegmentBatch, minibatches: list[list[int]] | None = None) -> None:
