@@ -185,7 +185,7 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--task", help="a verifiable task ('addition', 'reverse', 'reasoning-gym:NAME'): greedy "
                                          "accuracy and pass@k on its held-out problems, with 95%% intervals")
     evaluate.add_argument("--problems", type=int, default=200, help="held-out problems of --task")
-    evaluate.add_argument("--samples", type=int, default=8, help="k of pass@k with --task")
+    evaluate.add_argument("--samples", type=int, default=8, help="k of pass@k with --task (0: greedy accuracy only)")
     evaluate.add_argument("--max-new-tokens", type=int, default=64, help="response length limit with --task")
     evaluate.add_argument("--system-prompt", default=None, help="a system message before each --task problem "
                                                                 "(as the training run had it; default none)")
@@ -228,7 +228,8 @@ def run_task_eval(args: argparse.Namespace) -> int:
                            max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None, seed=args.seed)
     print(f"{args.task}, {args.problems} held-out problems:")
     print(f"  greedy accuracy  {result['greedy']}")
-    print(f"  pass@{args.samples:<10} {result[f'pass@{args.samples}']}")
+    if args.samples:
+        print(f"  pass@{args.samples:<10} {result[f'pass@{args.samples}']}")
     print(f"  answer format    {result['formatted']:.1%} of greedy responses")
     return 0
 

@@ -321,10 +321,10 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, data: Training
     return state
 
 
-def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int) -> None:
+def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int, callbacks=()) -> None:
     """One rollout + PPO epochs, reseeded from (seed, iteration) with fresh episodes; the reward takes in new
     data (a live feedback store's ratings) as the rollout starts, and freed heap memory goes back to the
-    system before the rollout and before the update.
+    system before the rollout and before the update. ``callbacks`` (SB3 callbacks) run after those.
 
     Data-parallel, rank r's rows take the env seeds that rows r·n ... of a single process with all
     ``config.num_envs`` rows would take, and its own sampling seed.
@@ -334,7 +334,7 @@ def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration
     env.seed(config.seed * 100_003 + iteration * config.num_envs + rank * env.num_envs)
     agent.reset_episodes()
     agent.learn(total_timesteps=config.max_new_tokens * config.num_envs, reset_num_timesteps=False,
-                tb_log_name="lmppo", callback=CallbackList([RefreshRewardCallback(env), ReleaseMemoryCallback()]))
+                tb_log_name="lmppo", callback=CallbackList([RefreshRewardCallback(env), ReleaseMemoryCallback(), *callbacks]))
 
 
 def _save_state(run_dir: Path, agent: LMPPO, state: dict) -> None:

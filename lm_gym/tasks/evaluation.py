@@ -57,7 +57,8 @@ def evaluate_task(model, tokenizer, task: Task, problems: int = 200, samples: in
     when any of its ``samples`` responses, sampled at ``temperature`` with per-row seeds, is correct.
 
     Returns ``{"greedy": TaskAccuracy, "pass@k": TaskAccuracy, "formatted": float, "responses": [...]}``,
-    the last holding (prompt, greedy response, correct) per problem.
+    the last holding (prompt, greedy response, correct) per problem; with ``samples=0``, greedy only (no
+    ``"pass@k"``).
     """
     held_out = task.problems("eval", problems)
     reward = task.reward(held_out)
@@ -86,12 +87,14 @@ def evaluate_task(model, tokenizer, task: Task, problems: int = 200, samples: in
     prompts = [p.prompt for p in held_out]
     greedy = respond(contexts, 0.0, seed)
     greedy_checks = [reward.check(p, r) for p, r in zip(prompts, greedy)]
-    sampled = respond([c for c in contexts for _ in range(samples)], temperature, seed + 1_000_000)
-    solved = [any(reward.check(prompts[i], sampled[i * samples + j])[0] for j in range(samples))
-              for i in range(len(prompts))]
-    return {
+    result = {
         "greedy": TaskAccuracy(sum(c for c, _ in greedy_checks), len(prompts)),
-        f"pass@{samples}": TaskAccuracy(sum(solved), len(prompts)),
         "formatted": sum(f for _, f in greedy_checks) / len(prompts),
         "responses": [(p, r, c) for p, r, (c, _) in zip(prompts, greedy, greedy_checks)],
     }
+    if samples:
+        sampled = respond([c for c in contexts for _ in range(samples)], temperature, seed + 1_000_000)
+        solved = [any(reward.check(prompts[i], sampled[i * samples + j])[0] for j in range(samples))
+                  for i in range(len(prompts))]
+        result[f"pass@{samples}"] = TaskAccuracy(sum(solved), len(prompts))
+    return result
