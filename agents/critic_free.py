@@ -85,10 +85,15 @@ class CriticFreePPO(LMPPO):
                          normalize_advantage=False, vf_coef=0.0, clip_range_vf=None, **kwargs)
         self._check_groups()
 
+    @property
+    def group_size(self) -> int:
+        """Rows per prompt group of the env (1 when it has no groups)."""
+        return self.env.get_attr("group_size")[0] if self.env.has_attr("group_size") else 1
+
     def _check_groups(self) -> None:
         if self.advantage not in GROUP_ESTIMATORS or self.env is None:
             return
-        group_size = self.env.get_attr("group_size")[0] if self.env.has_attr("group_size") else 1
+        group_size = self.group_size
         if group_size < 2:
             raise ValueError(f"advantage={self.advantage!r} compares the episodes of a prompt group: give the env "
                              f"group_size >= 2 (SB3VecEnv(num_envs, group_size=G, ...)); it has {group_size}")
@@ -120,7 +125,7 @@ class CriticFreePPO(LMPPO):
         return SegmentBatch.from_segments(episodes, self.actor_critic.tokenizer.pad_token_id, self.device)
 
     def _whole_groups(self, episodes: list) -> list:
-        group_size = self.env.get_attr("group_size")[0]
+        group_size = self.group_size
         members: dict = {}
         for segment in episodes:
             members.setdefault(segment.group, []).append(segment)

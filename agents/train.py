@@ -186,7 +186,7 @@ def training_data(config: TrainConfig) -> TrainingData:
         if config.prompts is not None:
             raise ValueError("give a task or prompts, not both: a task brings its own problems")
         task = make_task(config.task)
-        train, held_out = task.problems("train", TRAIN_PROBLEMS), task.problems("eval", config.eval_prompts)
+        train, held_out = task.problems("train", TRAIN_PROBLEMS, at_most=True), task.problems("eval", config.eval_prompts)
         return TrainingData([p.prompt for p in train], [p.prompt for p in held_out],
                             lambda: task.reward([*train, *held_out]))
     train_prompts, eval_prompts = split_prompts(config)

@@ -112,7 +112,7 @@ def train_ours(args, algo: str, out_dir: Path) -> dict:
 def train_trl(args, out_dir: Path) -> dict:
     """TRL's GRPOTrainer with the same settings, in its own interpreter; the worker's JSON line."""
     task = make_task(args.task)
-    problems = task.problems("train", TRAIN_PROBLEMS)
+    problems = task.problems("train", TRAIN_PROBLEMS, at_most=True)
     _, tokenizer = load_model("default", device="cpu")
     ids = [encode_prompt(tokenizer, problem.prompt, True) for problem in problems]
     job = {"model_dir": str(default_model_dir()), "prompts": [tokenizer.decode(row) for row in ids], "prompt_ids": ids,
@@ -253,7 +253,7 @@ def parse_args():
     if "trl-grpo" in args.sides and not args.trl_python and not args.report:
         parser.error("give --trl-python or set TRL_PYTHON (a venv with trl==1.16.0, see the module docstring)")
     if (args.prompts * args.group_size) % args.minibatches:
-        parser.error(f"--prompts x --group-size must be a multiple of --minibatches (TRL's rule)")
+        parser.error("--prompts x --group-size must be a multiple of --minibatches (TRL's rule)")
     return args
 
 

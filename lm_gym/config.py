@@ -57,8 +57,9 @@ class EnvConfig:
         (per-token reference log-probs, or None with ``reference_logprobs=False``) and ``stopped``.
     :param task: a verifiable task instead of ``prompts`` and ``reward``: a name (``"addition"``,
         ``"reverse"``, ``"reasoning-gym:NAME"``) or an :class:`lm_gym.tasks.Task`. The env draws its prompts
-        from the task's first :data:`lm_gym.tasks.TRAIN_PROBLEMS` training problems and scores responses with
-        the task's checker (``info["reward_components"]["correct"]`` says whether the answer was right).
+        from the task's first :data:`lm_gym.tasks.TRAIN_PROBLEMS` training problems (all of them, for a task
+        with fewer) and scores responses with the task's checker (``info["reward_components"]["correct"]``
+        says whether the answer was right).
     :param max_new_tokens: response length limit in tokens (per agent turn in multi-turn mode); the reward
         comes on the step that ends the response. Limit lengths here, not with ``gymnasium.make(...,
         max_episode_steps=K)``: Gymnasium's ``TimeLimit`` wrapper, which the env cannot see, truncates after K

@@ -106,7 +106,7 @@ class TokenEpisodes:
             from lm_gym.tasks import TRAIN_PROBLEMS, make_task  # here: lm_gym.tasks' evaluation imports this module
 
             task = make_task(config.task)
-            problems = task.problems("train", TRAIN_PROBLEMS)
+            problems = task.problems("train", TRAIN_PROBLEMS, at_most=True)
             prompts, reward = [problem.prompt for problem in problems], task.reward(problems)
         reward = as_reward(reward) if reward is not None else default_reward()
         reward.bind(reference)

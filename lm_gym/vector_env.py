@@ -112,22 +112,26 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         """Start new episodes in ``rows``, whole groups (one batched prefill; reset infos are empty). A group
         without a given prompt takes the one its first row draws."""
         row_list = rows.tolist()
-        prompts = list(prompts)
-        for leader in row_list[:: self.group_size]:
-            group = range(leader, leader + self.group_size)
-            given = {repr(prompts[row]) for row in group}
-            if len(given) > 1:
-                raise ValueError(f"rows {group.start}..{group.stop - 1} form a group (group_size={self.group_size}) "
-                                 "and share one prompt; the reset options gave them different ones")
-            if self.group_size > 1:
-                prompt = self.episodes.prompts(self._rngs[leader]) if prompts[leader] is None else prompts[leader]
-                prompts[group.start : group.stop] = [prompt] * self.group_size
-                self._group_ids[leader // self.group_size] = self._groups_started
-                self._groups_started += 1
+        if self.group_size > 1:
+            prompts = self._group_prompts(row_list, list(prompts))
         self.episodes.reset_rows(row_list, [self._rngs[r] for r in row_list], [prompts[r] for r in row_list])
         self._needs_reset[rows] = False
         self._waiting[rows] = False
         self._started[rows] = True
+
+    def _group_prompts(self, rows: list[int], prompts: list) -> list:
+        """``prompts`` with each restarting group's rows on one prompt (given, or drawn by its first row), and
+        a new id for each of those groups."""
+        for leader in rows[:: self.group_size]:
+            group = range(leader, leader + self.group_size)
+            if len({repr(prompts[row]) for row in group}) > 1:
+                raise ValueError(f"rows {group.start}..{group.stop - 1} form a group (group_size={self.group_size}) "
+                                 "and share one prompt; the reset options gave them different ones")
+            prompt = self.episodes.prompts(self._rngs[leader]) if prompts[leader] is None else prompts[leader]
+            prompts[group.start : group.stop] = [prompt] * self.group_size
+            self._group_ids[leader // self.group_size] = self._groups_started
+            self._groups_started += 1
+        return prompts
 
     # --- step ----------------------------------------------------------------------------------------
 

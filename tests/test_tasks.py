@@ -87,7 +87,7 @@ def test_bad_task_requests_are_refused():
         make_task("sudoku")
     with pytest.raises(ValueError, match="split='test'"):
         Addition().problems("test", 3)
-    with pytest.raises(ValueError, match="fewer than 50 distinct eval problems"):
+    with pytest.raises(ValueError, match=r"has \d+ distinct eval problems, fewer than the 50 asked for"):
         Addition(digits=(1, 1)).problems("eval", 50)
     with pytest.raises(ValueError, match="go to make_task with a task name"):
         make_task(Addition(), digits=3)
@@ -100,7 +100,7 @@ def test_the_env_takes_a_task_and_scores_the_answer(tiny):
     env = gym.make("LanguageModelEnv-v0", model=model, tokenizer=tokenizer, task="addition", max_new_tokens=24,
                    max_prompt_tokens=96)
     task = make_task("addition")
-    by_prompt = {p.prompt: p for p in task.problems("train", lm_gym.tasks.TRAIN_PROBLEMS)}
+    by_prompt = {p.prompt: p for p in task.problems("train", lm_gym.tasks.TRAIN_PROBLEMS, at_most=True)}
     for offset, expected in ((0, 1.0), (1, 0.1)):
         env.reset(seed=offset)
         prompt = env.unwrapped.episodes.turns[0][0]["text"]
@@ -141,3 +141,30 @@ def test_held_out_accuracy_of_a_model_is_reproducible(tiny):
     assert [prompt for prompt, _, _ in result["responses"]] == [p.prompt for p in task.problems("eval", 6)]
     again = evaluate_task(model, tokenizer, task, problems=6, samples=2, max_new_tokens=4, seed=1)
     assert again["responses"] == result["responses"]  # greedy: the same whatever the sampling seed
+
+
+def test_greedy_only_evaluation_matches_the_greedy_part_of_a_full_one(tiny):
+    model, tokenizer = tiny
+    task = Reverse()
+    full = evaluate_task(model, tokenizer, task, problems=5, samples=2, max_new_tokens=4)
+    greedy = evaluate_task(model, tokenizer, task, problems=5, samples=0, max_new_tokens=4)
+    assert "pass@0" not in greedy and "pass@2" in full
+    assert greedy["responses"] == full["responses"] and greedy["greedy"] == full["greedy"]
+
+
+def test_a_small_task_gives_all_its_problems_when_asked_for_at_most_more():
+    task = Addition(digits=(1, 1))  # 100 sums, about a fifth of them held out
+    train = task.problems("train", 1000, at_most=True)
+    held_out = task.problems("eval", 1000, at_most=True)
+    keys = {p.prompt for p in train} | {p.prompt for p in held_out}
+    assert len(train) + len(held_out) == len(keys) == 100  # every sum, each in one split only
+    assert task.problems("train", 10) == train[:10]  # the same order whatever the count
+
+
+def test_the_env_trains_on_a_task_with_fewer_problems_than_it_draws_from(tiny):
+    model, tokenizer = tiny
+    env = gym.make("LanguageModelEnv-v0", model=model, tokenizer=tokenizer, task="multiplication", max_new_tokens=4)
+    env.reset(seed=0)
+    train = {p.prompt for p in make_task("multiplication").problems("train", lm_gym.tasks.TRAIN_PROBLEMS, at_most=True)}
+    assert 0 < len(train) < lm_gym.tasks.TRAIN_PROBLEMS
+    assert env.unwrapped.episodes.turns[0][0]["text"] in train

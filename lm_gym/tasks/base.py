@@ -39,8 +39,9 @@ class Task:
     name: str = "task"
     format_credit: float = 0.1
 
-    def make_problems(self, split: str, count: int) -> list[Problem]:
-        """``count`` problems of ``split``, the same ones every time."""
+    def make_problems(self, split: str, count: int, at_most: bool = False) -> list[Problem]:
+        """``count`` problems of ``split``, the same ones every time; with ``at_most``, all of the split's
+        problems when it has fewer than ``count``, else an error."""
         raise NotImplementedError
 
     def is_correct(self, problem: Problem, answer: str) -> bool:
@@ -51,13 +52,14 @@ class Task:
         """The final answer of ``response`` in the format the prompts ask for: the last ``<answer>`` span."""
         return answers.extract_answer(response)
 
-    def problems(self, split: str, count: int) -> list[Problem]:
-        """``count`` problems of ``split`` (``"train"`` or ``"eval"``, disjoint)."""
+    def problems(self, split: str, count: int, at_most: bool = False) -> list[Problem]:
+        """``count`` problems of ``split`` (``"train"`` or ``"eval"``, disjoint); a task with fewer distinct
+        problems raises, unless ``at_most`` asks for up to ``count`` (then all it has)."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; expected one of {SPLITS}")
         if count < 1:
             raise ValueError(f"count must be a positive number of problems, got {count}")
-        return self.make_problems(split, count)
+        return self.make_problems(split, count, at_most)
 
     def reward(self, problems: Sequence[Problem]) -> "TaskReward":
         """The reward that checks responses to ``problems`` (found by their prompt text)."""

@@ -16,6 +16,7 @@ from lm_gym.tasks.answers import ANSWER_FORMAT, NUMBER_FORMAT, last_number, numb
 from lm_gym.tasks.base import Problem, Task
 
 HELD_OUT_EVERY = 5  # one problem in 5 belongs to the eval split
+STALE_DRAWS = 20  # draws per problem asked for, without a new one, after which a split counts as exhausted
 
 
 def split_of(key: str) -> str:
@@ -32,16 +33,24 @@ class SampledTask(Task):
         """One random problem and the key that decides its split."""
         raise NotImplementedError
 
-    def make_problems(self, split: str, count: int) -> list[Problem]:
+    def make_problems(self, split: str, count: int, at_most: bool = False) -> list[Problem]:
+        """Distinct problems in the order drawn; the split is taken to hold no more once ``STALE_DRAWS`` per
+        problem asked for have found nothing new (a problem drawn 1 time in N is then missed with chance
+        about exp(-STALE_DRAWS · count / N))."""
         rng = np.random.default_rng([self.seed, 0 if split == "train" else 1])
         problems: dict[str, Problem] = {}
-        for _ in range(200 * count):
+        stale = 0
+        while stale < STALE_DRAWS * count:
             key, problem = self.draw(rng)
-            if split_of(key) == split:
-                problems.setdefault(key, problem)
+            stale += 1
+            if split_of(key) == split and key not in problems:
+                problems[key], stale = problem, 0
                 if len(problems) == count:
                     return list(problems.values())
-        raise ValueError(f"task {self.name!r} has fewer than {count} distinct {split} problems; ask for fewer")
+        if at_most:
+            return list(problems.values())
+        raise ValueError(f"task {self.name!r} has {len(problems)} distinct {split} problems, fewer than the {count} "
+                         "asked for; ask for fewer (or at_most=True)")
 
 
 class Arithmetic(SampledTask):

@@ -37,7 +37,7 @@ class ReasoningGymTask(Task):
         self.dataset, self.seed, self.config, self.name = dataset, seed, config, dataset
         self._scorers: dict[str, object] = {}
 
-    def make_problems(self, split, count):
+    def make_problems(self, split, count, at_most=False):  # reasoning-gym makes as many as asked for
         seed = self.seed + (TRAIN_SEED if split == "train" else EVAL_SEED)
         data = _reasoning_gym().create_dataset(self.dataset, seed=seed, size=count, **self.config)
         self._scorers[split] = data
