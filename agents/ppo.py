@@ -59,6 +59,8 @@ class LMPPO(PPO):
     :param reward_clip: clip normalised rewards to ±this value.
     :param batch_size: tokens per minibatch (whole segments are kept together), over all ranks when
         data-parallel.
+    :param minibatches: if set, each epoch takes this many minibatches (optimizer steps) of equal numbers of
+        segments instead of ``batch_size`` tokens each, as TRL's ``steps_per_generation`` counts them.
     :param micro_batch_tokens: the most positions (context, response and padding) one training forward takes:
         a minibatch that holds more is split into micro-batches of segments of similar lengths, whose
         gradients accumulate into the minibatch's one optimizer step. The update is the minibatch's (the same
@@ -92,10 +94,12 @@ class LMPPO(PPO):
         kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0, critic_warmup: int = 0,
         ptx_coef: float = 0.0, ptx_texts=None, ptx_batch_size: int = 4, ptx_block_tokens: int = 256,
         watchdog_kl: float = 10.0, precision=None, recompute_logprobs: bool | None = None,
-        micro_batch_tokens: int | None = 512, **kwargs,
+        micro_batch_tokens: int | None = 512, minibatches: int | None = None, **kwargs,
     ):
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens={micro_batch_tokens}: expected a positive count of positions or None")
+        if minibatches is not None and minibatches < 1:
+            raise ValueError(f"minibatches={minibatches}: expected a positive number of optimizer steps per epoch or None")
         if ptx_coef and not ptx_texts:
             raise ValueError(f"ptx_coef={ptx_coef} needs ptx_texts (the text of the pretraining loss)")
         self.kl_controller = KLController(kl_coef, kl_target, kl_horizon)
@@ -106,6 +110,7 @@ class LMPPO(PPO):
         self.ptx_coef, self.ptx_texts = ptx_coef, ptx_texts
         self.ptx_batch_size, self.ptx_block_tokens = ptx_batch_size, ptx_block_tokens
         self.recompute_logprobs, self.micro_batch_tokens = recompute_logprobs, micro_batch_tokens
+        self.minibatches = minibatches
         if precision is not None:
             kwargs["policy_kwargs"] = with_precision(kwargs.get("policy_kwargs"), precision)
         with warnings.catch_warnings():  # SB3 checks batch_size against n_steps * n_envs; ours counts tokens
@@ -407,14 +412,17 @@ class LMPPO(PPO):
             data.values[rows, :steps] = evaluation.values * sub.mask
 
     def _minibatches(self, mask: torch.Tensor) -> list[list[int]]:
-        """Shuffled groups of whole segments holding about ``batch_size`` tokens each (over all ranks).
+        """Shuffled groups of whole segments holding about ``batch_size`` tokens each (over all ranks), or
+        ``minibatches`` groups of equal numbers of segments.
 
         Data-parallel, every rank takes the same number of groups (DDP needs one backward per rank per step):
         the most any rank needs, but no more than the fewest segments any rank has.
         """
         order = torch.randperm(mask.shape[0]).tolist()
-        tokens = mask.sum(dim=1).tolist()
-        groups = token_groups(order, tokens, self.batch_size / distributed.world_size())
+        if self.minibatches is not None:
+            groups = [part.tolist() for part in np.array_split(np.array(order), min(self.minibatches, len(order)))]
+        else:
+            groups = token_groups(order, mask.sum(dim=1).tolist(), self.batch_size / distributed.world_size())
         if not distributed.active():
             return groups
         counts = distributed.gather(torch.tensor([len(groups), len(order)]))

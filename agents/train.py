@@ -69,6 +69,7 @@ class TrainConfig:
     value_learning_rate: float = 1e-3
     n_epochs: int = 2
     batch_size: int = 128
+    minibatches: int | None = None
     micro_batch_tokens: int = 512
     kl_coef: float = 0.05
     kl_target: float | None = None
@@ -103,6 +104,8 @@ class TrainConfig:
         "value_learning_rate": "learning rate of the value head",
         "n_epochs": "PPO epochs over each rollout",
         "batch_size": "tokens per PPO minibatch",
+        "minibatches": "optimizer steps per epoch, each on an equal share of the episodes (instead of batch_size "
+                       "tokens per minibatch)",
         "micro_batch_tokens": "most positions (context, response, padding) per training forward: larger minibatches "
                               "accumulate gradients over several forwards (less memory, the same update)",
         "kl_coef": "beta of the per-token KL penalty to the reference model",
@@ -244,7 +247,7 @@ def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
     env (the reference)."""
     settings = dict(
         env=env, n_steps=config.max_new_tokens, batch_size=config.batch_size,
-        micro_batch_tokens=config.micro_batch_tokens, n_epochs=config.n_epochs,
+        micro_batch_tokens=config.micro_batch_tokens, minibatches=config.minibatches, n_epochs=config.n_epochs,
         learning_rate=config.learning_rate, kl_coef=config.kl_coef, seed=config.seed, device=config.device or "auto",
         policy_kwargs=policy_kwargs(config, env),
     )
@@ -321,10 +324,10 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, data: Training
     return state
 
 
-def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int, callbacks=()) -> None:
+def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration: int) -> None:
     """One rollout + PPO epochs, reseeded from (seed, iteration) with fresh episodes; the reward takes in new
     data (a live feedback store's ratings) as the rollout starts, and freed heap memory goes back to the
-    system before the rollout and before the update. ``callbacks`` (SB3 callbacks) run after those.
+    system before the rollout and before the update.
 
     Data-parallel, rank r's rows take the env seeds that rows r·n ... of a single process with all
     ``config.num_envs`` rows would take, and its own sampling seed.
@@ -334,7 +337,7 @@ def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration
     env.seed(config.seed * 100_003 + iteration * config.num_envs + rank * env.num_envs)
     agent.reset_episodes()
     agent.learn(total_timesteps=config.max_new_tokens * config.num_envs, reset_num_timesteps=False,
-                tb_log_name="lmppo", callback=CallbackList([RefreshRewardCallback(env), ReleaseMemoryCallback(), *callbacks]))
+                tb_log_name="lmppo", callback=CallbackList([RefreshRewardCallback(env), ReleaseMemoryCallback()]))
 
 
 def _save_state(run_dir: Path, agent: LMPPO, state: dict) -> None:

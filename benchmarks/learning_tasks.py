@@ -9,8 +9,8 @@ pass@k at the end, with 95% Wilson intervals), so the sides differ only in how t
 Matched settings: the task's training problems and checker (TRL's side loads ``lm_gym/tasks/answers.py``);
 ``--prompts`` prompts per iteration, each in a group of ``--group-size`` sampled responses (PPO: one response
 per prompt, on ``prompts * group_size`` prompts); responses of at most ``--response-tokens`` tokens at
-temperature 1; ``--epochs`` epochs of ``--minibatches`` optimizer steps over each iteration's responses
-(lm-gym's minibatches hold whole responses, sized so that the batch splits into that many); clip 0.2;
+temperature 1; ``--epochs`` epochs of ``--minibatches`` optimizer steps, each on an equal share of the
+iteration's responses (lm-gym's GRPO first leaves out groups whose rewards are all equal); clip 0.2;
 gradient norm 1; KL coefficient ``--kl-coef`` (GRPO on both sides: k3 in the loss; RLOO and PPO: k1 in the
 reward); group-normalised advantages and token-level loss normalisation for GRPO (TRL's ``dapo``); a constant
 learning rate; bf16 (lm-gym's bf16 acting copy and LoRA on the bf16 LM; TRL's ``bf16=True``, autocast
@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 
 from agents.train import TrainConfig, make_agent, make_rank_env, train_iteration, training_data
@@ -54,28 +53,13 @@ SIDES = ("grpo", "trl-grpo", "rloo", "ppo")
 LABELS = {"grpo": "lm-gym GRPO", "rloo": "lm-gym RLOO", "ppo": "lm-gym PPO", "trl-grpo": "TRL GRPOTrainer"}
 
 
-class MatchedMinibatches(BaseCallback):
-    """Sizes LMPPO's token minibatches at each rollout's end so that its responses split into ``minibatches``."""
-
-    def __init__(self, minibatches: int):
-        super().__init__()
-        self.minibatches = minibatches
-
-    def _on_rollout_end(self) -> None:
-        tokens = sum(len(segment.tokens) for segment in self.model.rollout.segments)
-        self.model.batch_size = max(1, math.ceil(tokens / self.minibatches))
-
-    def _on_step(self) -> bool:
-        return True
-
-
 def train_config(args, algo: str) -> TrainConfig:
     """lm-gym's settings for ``algo``, matched to TRL's (see the module docstring)."""
     group_size = 1 if algo == "ppo" else args.group_size
     return TrainConfig(
         algo=algo, task=args.task, num_envs=args.prompts * args.group_size, group_size=group_size,
         max_new_tokens=args.response_tokens, learning_rate=args.learning_rate, kl_coef=args.kl_coef,
-        n_epochs=args.epochs, system_prompt=None, missing_eos_penalty=0.0, lora_rank=args.lora_rank,
+        n_epochs=args.epochs, minibatches=args.minibatches, system_prompt=None, missing_eos_penalty=0.0, lora_rank=args.lora_rank,
         precision="bf16", seed=args.seed, eval_prompts=1,
     )
 
@@ -92,7 +76,7 @@ def train_ours(args, algo: str, out_dir: Path) -> dict:
     while elapsed < args.minutes * 60:
         optimizer.reset()
         started = time.perf_counter()
-        train_iteration(agent, env, config, len(iterations), callbacks=[MatchedMinibatches(args.minibatches)])
+        train_iteration(agent, env, config, len(iterations))
         seconds = time.perf_counter() - started
         elapsed += seconds
         values = agent.logger.name_to_value
@@ -130,7 +114,8 @@ def train_trl(args, out_dir: Path) -> dict:
 
 
 def score(args, adapter: str | None, samples: int) -> dict:
-    """Held-out greedy accuracy (and pass@``samples``) of the default model with ``adapter`` merged in."""
+    """Held-out greedy accuracy (and pass@``samples``) of the default model with ``adapter`` merged in, with
+    which problems it solved greedily (in the task's order) and the first responses."""
     model, tokenizer = load_model("default", device="cpu", dtype=torch.bfloat16)
     if adapter is not None:
         from peft import PeftModel
@@ -139,7 +124,8 @@ def score(args, adapter: str | None, samples: int) -> dict:
     result = evaluate_task(model, tokenizer, make_task(args.task), problems=args.eval_problems, samples=samples,
                            max_new_tokens=args.response_tokens, batch_size=args.eval_problems, seed=args.seed)
     scores = {key: [value.correct, value.total] for key, value in result.items() if isinstance(value, TaskAccuracy)}
-    return {**scores, "formatted": result["formatted"], "examples": result["responses"][:3]}
+    return {**scores, "formatted": result["formatted"], "solved": [correct for _, _, correct in result["responses"]],
+            "examples": result["responses"][:3]}
 
 
 def run_side(args, side: str, results: dict, out: Path) -> None:
@@ -183,9 +169,33 @@ def report(results: dict) -> str:
         lines.append(f"| {LABELS[side]} | {len(its)} | {sum(i['iteration_s'] for i in its) / len(its):.1f} | "
                      f"{sum(steps) / len(steps):.1f} | {accuracy(last)} | {accuracy(last, f'pass@{k}')} | "
                      f"{100 * gain:+.1f} | {'yes' if disjoint else 'no'} |")
+    if "solved" in base:
+        lines += ["", *paired_changes(base, sides)]
     if "grpo" in sides and "trl-grpo" in sides:
         lines += ["", *grpo_against_trl(sides["grpo"], sides["trl-grpo"])]
     return "\n".join(lines)
+
+
+def paired_changes(base: dict, sides: dict) -> list[str]:
+    """Per side, the held-out problems its last checkpoint newly solves and newly fails, against the untrained
+    model on the same problems, with the exact two-sided McNemar p-value of that split."""
+    lines = []
+    for side, run in sides.items():
+        solved = run["checkpoints"][-1]["solved"]
+        fixed = sum(after and not before for before, after in zip(base["solved"], solved))
+        broken = sum(before and not after for before, after in zip(base["solved"], solved))
+        lines.append(f"{LABELS[side]}: {fixed} problems newly solved, {broken} newly failed (exact McNemar "
+                     f"p = {mcnemar_p(fixed, broken):.3g})")
+    return lines
+
+
+def mcnemar_p(fixed: int, broken: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial tail of the smaller count among ``fixed + broken``."""
+    changed = fixed + broken
+    if changed == 0:
+        return 1.0
+    tail = sum(math.comb(changed, i) for i in range(min(fixed, broken) + 1)) / 2**changed
+    return min(1.0, 2 * tail)
 
 
 def grpo_against_trl(ours: dict, theirs: dict) -> list[str]:

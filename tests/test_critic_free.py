@@ -173,3 +173,36 @@ def test_the_first_rloo_update_is_a_reinforce_step_with_the_leave_one_out_baseli
     worst = max((s - g).abs().max().item() for s, g in zip(steps, grads))
     largest = max(g.abs().max().item() for g in grads)
     assert largest > 1e-4 and worst < 1e-3 * largest
+
+
+def test_a_critic_free_agent_has_the_sb3_surface(tiny, tmp_path):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Counts(BaseCallback):
+        rollouts = steps = 0
+
+        def _on_rollout_end(self):
+            self.rollouts += 1
+
+        def _on_step(self):
+            self.steps += 1
+            return True
+
+    env = token_env(tiny, num_envs=8)
+    agent = GRPO(env=env, n_steps=4, batch_size=16, learning_rate=3e-3, device="cpu", seed=0,
+                 policy_kwargs={"model": "tiny"})
+    agent.set_logger(configure(str(tmp_path / "log"), ["csv"]))
+    counts = Counts()
+    agent.learn(8 * 4 * 2, callback=counts)
+    assert (counts.rollouts, counts.steps) == (2, 8)
+    assert "train/groups_uniform" in (tmp_path / "log" / "progress.csv").read_text().splitlines()[0]
+    obs = env.reset()
+    actions, _ = agent.predict(obs, deterministic=True, action_masks=get_action_masks(env))
+    agent.save(tmp_path / "grpo")
+    loaded = GRPO.load(tmp_path / "grpo", env=token_env(tiny, num_envs=8), device="cpu",
+                       custom_objects={"policy_kwargs": {"model": "tiny"}})
+    assert type(loaded) is GRPO and (loaded.advantage, loaded.kl, loaded.group_size) == ("grpo", "loss", 4)
+    again, _ = loaded.predict(obs, deterministic=True, action_masks=get_action_masks(env))
+    assert np.array_equal(actions, again)
+    for mine, theirs in zip(agent.policy.parameters(), loaded.policy.parameters()):
+        assert torch.equal(mine, theirs)

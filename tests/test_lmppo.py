@@ -319,6 +319,21 @@ def test_micro_batched_update_equals_the_whole_minibatchs(env):
     assert stats[1] == pytest.approx(stats[0], rel=1e-4, abs=1e-7)
 
 
+def test_a_count_of_minibatches_splits_each_epoch_into_equal_shares_of_segments(env):
+    agent = make_agent(env, minibatches=3)
+    data = collect(agent)
+    segments = len(agent.rollout.segments)
+    groups = agent._minibatches(data.mask)
+    assert len(groups) == 3 and sorted(r for g in groups for r in g) == list(range(segments))
+    assert max(map(len, groups)) - min(map(len, groups)) <= 1
+    steps = []
+    agent.policy.optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    agent.train()
+    assert len(steps) == 3 * agent.n_epochs
+    with pytest.raises(ValueError, match="minibatches=0"):
+        make_agent(env, minibatches=0)
+
+
 def test_bf16_recompute_in_micro_batches_starts_the_ratio_at_exactly_one(env):
     agent = make_agent(env, precision="bf16", batch_size=12, micro_batch_tokens=64)
     data = collect(agent)
