@@ -335,6 +335,7 @@ class LMPPO(PPO):
         data = self._training_batch()
         if data is None:  # nothing in the rollout carries a signal (for example every group uniform)
             self.logger.record("train/skipped_update", 1)
+            self._log_rollout()
             self.trained_rollouts += 1
             return
         epochs = [self._minibatches(data.mask) for _ in range(self.n_epochs)]
@@ -504,15 +505,22 @@ class LMPPO(PPO):
         means = distributed.gather(torch.tensor([float(np.mean(v)) for v in logs.values()], dtype=torch.float64))
         for key, value in zip(logs, means.reshape(distributed.world_size(), -1).mean(dim=0).tolist()):
             self.logger.record(f"train/{key}", value)
+        if data.returns is not None:  # a critic's
+            valid = data.mask.bool()
+            values, returns = (distributed.gather(t[valid]).numpy() for t in (data.values, data.returns))
+            self.logger.record("train/explained_variance", explained_variance(values, returns))
+        kl, tokens = self._log_rollout()
+        self.logger.record("time/train_tokens_per_s", tokens * self.n_epochs / max(train_seconds, 1e-9))
+        return kl, tokens
+
+    def _log_rollout(self) -> tuple[float, int]:
+        """Record the rollout's statistics (over all ranks when data-parallel), with or without an update, and
+        watch them; return its mean KL per segment and its token count."""
         segments = self.rollout.segments
         kl = distributed.gather(torch.tensor([float(np.sum(s.logprobs) - np.sum(s.ref_logprobs)) for s in segments]))
         lengths = distributed.gather(torch.tensor([float(len(s.tokens)) for s in segments]))
         episodes = distributed.gather_objects(
             [(sum(s.scores), s.terminated, s.reward_components) for s in segments if s.ended])
-        if data.returns is not None:  # a critic's
-            valid = data.mask.bool()
-            values, returns = (distributed.gather(t[valid]).numpy() for t in (data.values, data.returns))
-            self.logger.record("train/explained_variance", explained_variance(values, returns))
         self.logger.record("train/kl_coef", self.kl_coef)  # the β this rollout used
         self.logger.record("rollout/kl_per_segment", float(kl.mean()))
         self.logger.record("rollout/response_length", float(lengths.mean()))
@@ -526,7 +534,6 @@ class LMPPO(PPO):
                 self.logger.record(f"rollout/reward_{name}", float(np.mean(parts)))
         tokens = int(lengths.sum())
         self.logger.record("time/rollout_tokens_per_s", tokens / max(self.rollout.seconds, 1e-9))
-        self.logger.record("time/train_tokens_per_s", tokens * self.n_epochs / max(train_seconds, 1e-9))
         self._watch(float(kl.mean()), float(lengths.mean()))
         return float(kl.mean()), tokens
 

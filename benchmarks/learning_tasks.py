@@ -80,7 +80,7 @@ def train_ours(args, algo: str, out_dir: Path) -> dict:
         seconds = time.perf_counter() - started
         elapsed += seconds
         values = agent.logger.name_to_value
-        iterations.append({"end_s": elapsed, "iteration_s": seconds, "reward": values.get("rollout/reward_mean"),
+        iterations.append({"end_s": elapsed, "iteration_s": seconds, "reward": values.get("rollout/reward_mean", math.nan),
                            "optimizer_steps": optimizer.steps})
         agent.logger.dump()
         if elapsed >= next_checkpoint or elapsed >= args.minutes * 60:

@@ -141,6 +141,7 @@ def test_uniform_groups_are_left_out_and_counted(tiny):
     before = [p.detach().clone() for p in agent.policy.parameters()]
     agent.train()  # nothing to learn from: the update is skipped and logged
     assert agent.logger.name_to_value["train/skipped_update"] == 1
+    assert agent.logger.name_to_value["rollout/reward_mean"] == 1.0  # the rollout is still reported
     assert all(torch.equal(p, b) for p, b in zip(agent.policy.parameters(), before))
 
 
