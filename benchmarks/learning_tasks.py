@@ -59,8 +59,8 @@ def train_config(args, algo: str) -> TrainConfig:
     return TrainConfig(
         algo=algo, task=args.task, num_envs=args.prompts * args.group_size, group_size=group_size,
         max_new_tokens=args.response_tokens, learning_rate=args.learning_rate, kl_coef=args.kl_coef,
-        n_epochs=args.epochs, minibatches=args.minibatches, system_prompt=None, missing_eos_penalty=0.0, lora_rank=args.lora_rank,
-        precision="bf16", seed=args.seed, eval_prompts=1,
+        n_epochs=args.epochs, minibatches=args.minibatches, system_prompt=None, missing_eos_penalty=0.0,
+        lora_rank=args.lora_rank, precision="bf16", seed=args.seed, eval_prompts=1,
     )
 
 
@@ -80,8 +80,8 @@ def train_ours(args, algo: str, out_dir: Path) -> dict:
         seconds = time.perf_counter() - started
         elapsed += seconds
         values = agent.logger.name_to_value
-        iterations.append({"end_s": elapsed, "iteration_s": seconds, "reward": values.get("rollout/reward_mean", math.nan),
-                           "optimizer_steps": optimizer.steps})
+        iterations.append({"end_s": elapsed, "iteration_s": seconds, "optimizer_steps": optimizer.steps,
+                           "reward": values.get("rollout/reward_mean", math.nan)})
         agent.logger.dump()
         if elapsed >= next_checkpoint or elapsed >= args.minutes * 60:
             directory = out_dir / f"{len(checkpoints):02d}"
