@@ -105,13 +105,14 @@ class TransformerActorCritic(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, columns: torch.Tensor,
                 valid: torch.Tensor, allowed=None, actor: bool = True, entropy: bool = True,
-                entropy_grad: bool = False, reference=None) -> TokenEvaluation:
+                entropy_grad: bool = False, reference=None, keep: int | None = None) -> TokenEvaluation:
         """The training forward (which ``DistributedDataParallel`` wraps): log π, entropy and V(s) of given
         tokens, one forward of each backbone, the output head over the valid tokens only, in chunks.
 
         :param ids: (B, W) left-padded sequences; ``mask`` their attention mask.
         :param tokens: (B, T) the tokens to score.
-        :param columns: (B, T) where the state before each token lies among the last T + 1 positions of ``ids``.
+        :param columns: (B, T) where the state before each token lies among the last ``keep`` positions of
+            ``ids``.
         :param valid: (B, T) bool, the tokens to score (log-prob and entropy are 0 elsewhere).
         :param allowed: the (V,) allowed-token mask the tokens were sampled under, or None.
         :param actor: False: the policy LM runs without gradients (only the critic can learn).
@@ -119,8 +120,10 @@ class TransformerActorCritic(nn.Module):
             gradient (for an entropy bonus), else it is a statistic.
         :param reference: a :class:`lm_gym.reference.ReferenceModel`: also the exact KL(π ‖ π_ref) over the
             vocabulary at each scored state (one more forward, of the reference, without gradients).
+        :param keep: how many of the last positions hold the tokens and the states before them; default T + 1
+            (each sequence ends with its tokens; more where the env put tokens of its own between them).
         """
-        keep = tokens.shape[1] + 1
+        keep = tokens.shape[1] + 1 if keep is None else keep
         with self.precision.autocast(ids.device), full_sequence_attention(self.lm, self.precision):
             with torch.set_grad_enabled(actor and torch.is_grad_enabled()):
                 hidden = last_hidden_states(self.lm, ids, mask, keep)

@@ -39,9 +39,9 @@ to 1 ± ``clip_range`` over ``n_epochs`` epochs, as GRPO and RLOO implementation
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from agents import distributed
 from agents.advantages import (
     ESTIMATORS, GROUP_ESTIMATORS, group_advantages, kl_shaped_rewards, masked_whiten, returns_to_go,
     uniform_groups,
@@ -118,30 +118,35 @@ class CriticFreePPO(LMPPO):
         self.group_counts = {"groups_cut": 0, "groups_uniform": 0}
         if self.advantage in GROUP_ESTIMATORS:
             episodes = self._whole_groups(episodes)
-        self._record_group_counts()
+        pad = self.actor_critic.tokenizer.pad_token_id
+        data = SegmentBatch.from_segments(episodes, pad, self.device) if episodes else None
         self.training_groups = [s.group for s in episodes]
-        if not episodes:
-            return None
-        return SegmentBatch.from_segments(episodes, self.actor_critic.tokenizer.pad_token_id, self.device)
+        if data is not None and self.advantage in GROUP_ESTIMATORS and self.filter_groups:
+            data = self._without_uniform_groups(data)
+        self._record_group_counts()
+        return data
 
     def _whole_groups(self, episodes: list) -> list:
-        group_size = self.group_size
+        """The episodes of groups complete in the rollout (all G members ended), counting the others."""
         members: dict = {}
         for segment in episodes:
             members.setdefault(segment.group, []).append(segment)
-        whole = [s for group in members.values() if len(group) == group_size for s in group]
-        self.group_counts["groups_cut"] = sum(len(group) != group_size for group in members.values())
-        if self.filter_groups and whole:
-            returns = torch.tensor([self._episode_return(s) for s in whole])
-            uniform = uniform_groups(returns, [s.group for s in whole]).tolist()
-            self.group_counts["groups_uniform"] = len({s.group for s, flat in zip(whole, uniform) if flat})
-            whole = [s for s, flat in zip(whole, uniform) if not flat]
-        return whole
+        self.group_counts["groups_cut"] = sum(len(group) != self.group_size for group in members.values())
+        return [s for group in members.values() if len(group) == self.group_size for s in group]
 
-    def _episode_return(self, segment) -> float:
-        """The episode's return as the advantages see it: its score, less β·Σ k1 with the KL in the reward."""
-        kl = float(np.sum(segment.logprobs) - np.sum(segment.ref_logprobs)) if self.kl == "reward" else 0.0
-        return float(np.sum(segment.scores)) - self.kl_coef * kl
+    def _without_uniform_groups(self, data: SegmentBatch) -> SegmentBatch | None:
+        """``data`` without the groups whose returns are all equal (no signal), counting them; None if none is left."""
+        uniform = uniform_groups(self._returns_to_go(data)[:, 0], self.training_groups).tolist()
+        self.group_counts["groups_uniform"] = len({g for g, flat in zip(self.training_groups, uniform) if flat})
+        keep = [row for row, flat in enumerate(uniform) if not flat]
+        self.training_groups = [self.training_groups[row] for row in keep]
+        return data.select(keep) if keep else None
+
+    def _returns_to_go(self, data: SegmentBatch) -> torch.Tensor:
+        """(S, T) returns to go of ``data``'s tokens: the scores, less β·k1 per token with the KL in the reward."""
+        kl_coef = self.kl_coef if self.kl == "reward" else 0.0
+        rewards = kl_shaped_rewards(data.scores, data.logprobs, data.ref_logprobs, data.mask, kl_coef)
+        return returns_to_go(rewards, data.mask)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -149,9 +154,7 @@ class CriticFreePPO(LMPPO):
         """Sequence (or REINFORCE++'s token) advantages of ``data``'s episodes, after the old log-probs are
         recomputed where LMPPO recomputes them."""
         self._set_old_logprobs(data, minibatches)
-        kl_coef = self.kl_coef if self.kl == "reward" else 0.0
-        rewards = kl_shaped_rewards(data.scores, data.logprobs, data.ref_logprobs, data.mask, kl_coef)
-        to_go = returns_to_go(rewards, data.mask)
+        to_go = self._returns_to_go(data)
         if self.advantage == "reinforce++":
             data.advantages = masked_whiten(to_go, data.mask)
         else:
@@ -169,7 +172,7 @@ class CriticFreePPO(LMPPO):
         valid = sub.mask.bool()
         evaluation = actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), valid, self.rollout.allowed,
                                   entropy_grad=bool(self.ent_coef),
-                                  reference=self.reference if self.kl == "full" else None)
+                                  reference=self.reference if self.kl == "full" else None, keep=sub.keep)
         weights = self._token_weights(data, rows, minibatch)
         ratio = torch.exp(evaluation.logprobs - sub.old_logprobs)
         advantages = sub.advantages
@@ -202,8 +205,9 @@ class CriticFreePPO(LMPPO):
         return mask / (mask.sum(dim=1, keepdim=True) * len(minibatch))
 
     def _record_group_counts(self) -> None:
+        """Log the groups left out of the update, over all ranks when data-parallel."""
         for key, count in self.group_counts.items():
-            self.logger.record(f"train/{key}", count)
+            self.logger.record(f"train/{key}", int(distributed.gather(torch.tensor([count])).sum()))
 
 
 class GRPO(CriticFreePPO):

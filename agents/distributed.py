@@ -70,6 +70,11 @@ def gather_objects(items: list) -> list:
     return [item for part in parts for item in part]
 
 
+def every(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (``flag`` itself without a process group)."""
+    return bool(gather(torch.tensor([bool(flag)])).all())
+
+
 def broadcast(value):
     """Rank 0's ``value`` (any picklable object), on every rank."""
     if not active():

@@ -240,6 +240,8 @@ class LMPPO(PPO):
                 continue
             collector.add(row, int(actions[row]), float(log_probs[row]), float(values[row]),
                           info.get("ref_logprob", float("nan")), float(rewards[row]), info.get(TURN_ENDED_KEY, False))
+            if not dones[row]:
+                _record_inserts(collector, row, new_obs)
         ended = np.flatnonzero(dones).tolist()
         truncated = [row for row in ended if infos[row].get("TimeLimit.truncated", False)]
         bootstrap = dict(zip(truncated, self._values_of([infos[row]["terminal_observation"] for row in truncated])))
@@ -264,9 +266,10 @@ class LMPPO(PPO):
         missing = [s for s in segments if any(np.isnan(s.ref_logprobs))]
         if not missing:
             return
-        scored = self.reference.continuation_logprobs([s.context for s in missing], [s.tokens for s in missing])
+        streams = [s.sequence()[len(s.context):] for s in missing]
+        scored = self.reference.continuation_logprobs([s.context for s in missing], streams)
         for segment, logprobs in zip(missing, scored):
-            segment.ref_logprobs = logprobs.tolist()
+            segment.ref_logprobs = logprobs[segment.offsets()].tolist()  # the agent's tokens, not inserted ones
 
     def _allowed_tokens(self, env) -> torch.Tensor | None:
         """The env's allowed-token mask (V,) when it restricts the actions, else None."""
@@ -303,14 +306,14 @@ class LMPPO(PPO):
         pad = self.actor_critic.tokenizer.pad_token_id
         for start in range(0, len(all_segments), chunk):
             segments = all_segments[start : start + chunk]
-            keep = max(len(s.tokens) for s in segments) + 1
-            ids, mask = pad_left([s.context + s.tokens for s in segments], pad, self.device)
+            keep = max(s.stream_length for s in segments) + 1
+            ids, mask = pad_left([s.sequence() for s in segments], pad, self.device)
             with torch.no_grad():
                 values = self.actor_critic.evaluate(ids, mask, keep=keep, logits=False).values.cpu()
             for segment, row in zip(segments, values):
-                states = row[keep - len(segment.tokens) - 1 :].tolist()  # before each token, then after the last
-                segment.values = states[:-1]
-                segment.next_value = 0.0 if segment.terminated else states[-1]
+                states = row[keep - segment.stream_length - 1 :]  # before each id after the context, then after all
+                segment.values = states[segment.offsets()].tolist()
+                segment.next_value = 0.0 if segment.terminated else float(states[-1])
 
     def _values_of(self, observations: list[dict]) -> list[float]:
         """V(s) of single observations in one batched full forward (the rollout cache is left alone).
@@ -333,7 +336,9 @@ class LMPPO(PPO):
         clip_range = self.clip_range(self._current_progress_remaining)
         clip_range_vf = self.clip_range_vf(self._current_progress_remaining) if self.clip_range_vf else None
         data = self._training_batch()
-        if data is None:  # nothing in the rollout carries a signal (for example every group uniform)
+        # nothing in the rollout carries a signal (for example every group uniform); data-parallel, the ranks
+        # skip together, since DDP takes a backward on every rank
+        if not distributed.every(data is not None):
             self.logger.record("train/skipped_update", 1)
             self._log_rollout()
             self.trained_rollouts += 1
@@ -396,7 +401,7 @@ class LMPPO(PPO):
     def _recompute_old(self, data: SegmentBatch, minibatches: list[list[int]] | None = None) -> None:
         """The training forward's log-probs as PPO's old log-probs, and its values in place of the rollout's
         (see ``recompute_logprobs``). The KL penalty keeps the sampled log-probs: they and the reference's come
-        from the same bf16 decode, so an untrained policy's KL is exactly 0 (:mod:`agents.rollout_cache`).
+        from the same bf16 decode, so an untrained policy's KL is 0 to float32 rounding (:mod:`agents.rollout_cache`).
 
         The forwards take the micro-batches of the first epoch's ``minibatches`` (default: about ``batch_size``
         tokens each, in order): bf16 results depend on the batch's shapes, so the same groups make PPO's first
@@ -408,7 +413,7 @@ class LMPPO(PPO):
             sub = data.select(rows)
             steps = sub.mask.shape[1]
             evaluation = self.actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), sub.mask.bool(),
-                                           self.rollout.allowed, entropy=False)
+                                           self.rollout.allowed, entropy=False, keep=sub.keep)
             data.old_logprobs[rows, :steps] = evaluation.logprobs * sub.mask
             data.values[rows, :steps] = evaluation.values * sub.mask
 
@@ -470,7 +475,8 @@ class LMPPO(PPO):
         actor_critic = self.data_parallel or self.policy.actor_critic  # DDP averages the gradients across ranks
         valid = sub.mask.bool()
         log_prob, entropy, values, _ = actor_critic(sub.ids, sub.attention_mask, sub.tokens, sub.positions(), valid,
-                                                    self.rollout.allowed, actor, entropy_grad=bool(self.ent_coef))
+                                                    self.rollout.allowed, actor, entropy_grad=bool(self.ent_coef),
+                                                    keep=sub.keep)
         count = data.mask[minibatch].sum()
 
         def mean(per_token: torch.Tensor) -> torch.Tensor:  # the minibatch's mean, over this part's tokens
@@ -608,6 +614,21 @@ def portable_policy_kwargs(kwargs: dict) -> dict:
             if key == "model":
                 portable["tokenizer"] = None
     return portable
+
+
+def _record_inserts(collector: SegmentCollector, row: int, obs) -> None:
+    """Record the ids the env put into ``row`` after its action (multi-turn: a tool result, the other party's
+    turn), read from the observation that follows; an env that changed the row's earlier ids is refused, since
+    the update would train on ids other than those the agent saw."""
+    segment = collector.open[row]
+    expected = len(segment.context) + segment.stream_length
+    if int(np.asarray(obs["attention_mask"][row]).sum()) == expected:
+        return
+    ids = _context(obs, row)
+    if len(ids) < expected or ids[:expected] != segment.sequence():
+        raise RuntimeError(f"env row {row} changed the tokens of its running episode: its observation no longer "
+                           "starts with the ids observed and taken so far; an env must only append to an episode")
+    collector.insert(row, ids[expected:])
 
 
 def _context(obs, row: int) -> list[int]:

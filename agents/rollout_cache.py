@@ -13,7 +13,9 @@ weights change, so once per rollout): a LoRA policy's with the adapters merged i
 step instead of the base layer plus two small adapter products and their casts in each linear layer (about
 twice as fast to decode); a float32 policy's cast weight by weight. The copy computes exactly as the env's
 bf16 LM does, so the sampled log-probs of an untrained policy equal the reference's and the KL penalty
-starts at exactly 0, not at bf16 noise (which PPO's whitened advantages would amplify into a signal).
+starts at 0, not at bf16 noise (about 1e-2, which PPO's whitened advantages would amplify into a signal). What
+is left is the float32 rounding of sampling's renormalisation of the log-probs: none on some CPUs, one ulp
+(under 1e-6) on a few tokens on others (AVX2-only x86).
 """
 
 from __future__ import annotations

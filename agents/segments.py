@@ -3,6 +3,8 @@
 A rollout of n steps over N env rows yields segments: each starts where an episode (or the rollout)
 started and ends at the episode's end or the rollout's end. Per token a segment keeps the policy's
 log-prob, the value, the reference log-prob and the env's reward; nothing is stored per padded observation.
+In multi-turn episodes the env puts tokens of its own between the agent's (a tool result, the other party's
+turn): a segment keeps them where they came, as context of the tokens after them, never as actions.
 A :class:`Rollout` is what a rollout leaves for the update: its segments, the allowed-token mask they were
 sampled under and the time it took. :class:`SegmentBatch` pads the segments into tensors for one forward per
 segment and computes its own returns and advantages.
@@ -34,6 +36,31 @@ class Segment:
     ended: bool = False  # the episode ended here (not just the rollout)
     reward_components: dict = field(default_factory=dict)
     group: int | None = None  # the env's prompt group of the episode (``info["group"]``), if it groups rows
+    inserts: list[tuple[int, list[int]]] = field(default_factory=list)  # (agent tokens before, the env's ids)
+
+    def sequence(self) -> list[int]:
+        """The segment's token ids in order: the context, then the agent's tokens with the inserted ones."""
+        ids, start = list(self.context), 0
+        for after, inserted in self.inserts:
+            ids += self.tokens[start:after] + inserted
+            start = after
+        return ids + self.tokens[start:]
+
+    def offsets(self) -> list[int]:
+        """Where each of the agent's tokens lies among the ids after the context."""
+        offsets, shift, pending = [], 0, iter(self.inserts)
+        upcoming = next(pending, None)
+        for index in range(len(self.tokens)):
+            while upcoming is not None and upcoming[0] <= index:
+                shift += len(upcoming[1])
+                upcoming = next(pending, None)
+            offsets.append(index + shift)
+        return offsets
+
+    @property
+    def stream_length(self) -> int:
+        """How many ids follow the context: the agent's tokens and the inserted ones."""
+        return len(self.tokens) + sum(len(inserted) for _, inserted in self.inserts)
 
 
 class SegmentCollector:
@@ -57,6 +84,11 @@ class SegmentCollector:
         segment.ref_logprobs.append(ref_logprob)
         segment.scores.append(score)
         segment.scored.append(scored)
+
+    def insert(self, row: int, ids: list[int]) -> None:
+        """Record tokens the env put into ``row`` after its last action: context of the next, not actions."""
+        segment = self.open[row]
+        segment.inserts.append((len(segment.tokens), list(ids)))
 
     def open_rows(self) -> list[int]:
         """Rows whose open segment holds tokens (the rollout cut their episodes)."""
@@ -105,6 +137,8 @@ class SegmentBatch:
     scores: torch.Tensor
     scored: torch.Tensor  # (S, T) 1 where the env scored a response
     next_values: torch.Tensor  # (S,)
+    offsets: torch.Tensor  # (S, T) where each token lies among the ids after the context
+    stream_lengths: torch.Tensor  # (S,) how many ids follow the context (the tokens, and any inserted between)
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None  # (S, T) PPO's ratio denominator: ``logprobs`` or recomputed
@@ -112,15 +146,18 @@ class SegmentBatch:
     @classmethod
     def from_segments(cls, segments: list[Segment], pad_token_id: int, device) -> "SegmentBatch":
         """Pad ``segments`` into tensors on ``device``."""
-        ids, attention = pad_left([s.context + s.tokens for s in segments], pad_token_id, device)
+        ids, attention = pad_left([s.sequence() for s in segments], pad_token_id, device)
         tokens, mask = pad_right([s.tokens for s in segments], pad_token_id, device)
+        offsets = pad_right([s.offsets() for s in segments], 0, device)[0]
+        stream_lengths = torch.tensor([s.stream_length for s in segments], device=device)
         names = ("logprobs", "values", "ref_logprobs", "scores", "scored")
         per_token = {name: torch.zeros(tokens.shape) for name in names}
         for row, segment in enumerate(segments):
             for name, table in per_token.items():
                 table[row, : len(segment.tokens)] = torch.as_tensor(getattr(segment, name), dtype=torch.float32)
         next_values = torch.tensor([s.next_value for s in segments], device=device)
-        return cls(ids, attention, tokens, mask.float(), *(per_token[k].to(device) for k in names), next_values)
+        return cls(ids, attention, tokens, mask.float(), *(per_token[k].to(device) for k in names), next_values,
+                   offsets, stream_lengths)
 
     def compute_advantages(self, scores: torch.Tensor, kl_coef: float, gamma: float, lam: float) -> None:
         """Set ``advantages`` and ``returns``: GAE(γ, λ) over the per-token rewards r_t = scores_t - kl_coef ·
@@ -136,11 +173,17 @@ class SegmentBatch:
         per_token = [None if t is None else t[index][:, :steps] for t in (
             self.tokens, self.mask, self.logprobs, self.values, self.ref_logprobs, self.scores, self.scored)]
         extra = [None if t is None else t[index][:, :steps] for t in (self.advantages, self.returns, self.old_logprobs)]
-        return SegmentBatch(ids, attention, *per_token, self.next_values[index], *extra)
+        return SegmentBatch(ids, attention, *per_token, self.next_values[index], self.offsets[index][:, :steps],
+                            self.stream_lengths[index], *extra)
+
+    @property
+    def keep(self) -> int:
+        """How many of the last columns of ``ids`` hold every token and the state before it: the longest
+        stream after a context, plus one."""
+        return int(self.stream_lengths.max()) + 1
 
     def positions(self) -> torch.Tensor:
-        """(S, T) column of the state before each token, among the last T + 1 columns of ``ids``."""
-        lengths = self.mask.sum(dim=1).long()
-        steps = self.mask.shape[1]
-        columns = torch.arange(steps, device=self.mask.device)[None, :] + (steps - lengths)[:, None]
-        return columns.clamp(max=steps)  # padding entries point at the last column; they are masked
+        """(S, T) column of the state before each token, among the last :attr:`keep` columns of ``ids``."""
+        last = self.keep - 1
+        columns = last - (self.stream_lengths[:, None] - self.offsets)
+        return torch.where(self.mask.bool(), columns, last)  # padding entries point at the last column; masked

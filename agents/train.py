@@ -220,7 +220,7 @@ def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer
 
     Both score each token with the reference as it is taken: the KL penalty and the fluency reward read
     those log-probs, which in bf16 come from the same decode as the policy's (an untrained policy's KL is
-    exactly 0, :mod:`agents.rollout_cache`), and one decode step costs less than scoring the episodes again.
+    0 to float32 rounding, :mod:`agents.rollout_cache`), and one decode step costs less than scoring the episodes again.
     """
     reward = reward if reward is not None else default_blend(config.alpha, config.feedback_db)
     return SB3VecEnv(

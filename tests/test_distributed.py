@@ -15,9 +15,9 @@ TINY_FLAGS = ["--model=tiny", "--num-envs=4", "--max-new-tokens=4", "--max-promp
               "--eval-samples=1", "--learning-rate=1e-3", "--batch-size=16"]
 
 
-def torchrun(nproc: int, *args: str) -> None:
+def torchrun(nproc: int, *args: str, timeout: int = 600) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -40,6 +40,19 @@ def test_two_ranks_take_as_many_samples_per_update_as_one_rank_with_twice_the_en
     ddp_worker.main(tmp_path, 4)  # one process with all 4 rows
     single = torch.load(tmp_path / "rank0.pt")
     assert single["timesteps"] == two_ranks[0]["timesteps"] == two_ranks[1]["timesteps"] == [16, 32, 48]
+
+
+def test_ranks_skip_an_update_together_when_one_rank_has_no_signal(tmp_path):
+    torchrun(2, "tests/ddp_skip_worker.py", str(tmp_path), timeout=240)  # a rank waiting on the other hangs
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    for record in (first, second):
+        assert torch.equal(record["start"], record["end"]) and record["updates"] == 0
+        assert record["trained_rollouts"] == 2
+    with open(tmp_path / "log0" / "progress.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [row for row in rows if row["train/skipped_update"]]  # SB3 dumps an update's stats with the next rollout
+    assert logged and all(float(row["train/skipped_update"]) == 1.0 for row in logged)
+    assert all(float(row["train/groups_uniform"]) == 1.0 for row in logged)  # rank 0's group, counted once
 
 
 def test_cli_nproc_trains_on_rank_zero_files_and_resumes(tmp_path):

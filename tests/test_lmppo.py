@@ -110,15 +110,16 @@ def test_bf16_recomputed_old_log_probs_start_the_ratio_at_exactly_one(env):
 
 def test_an_untrained_bf16_policy_samples_with_exactly_the_references_log_probs():
     """In bf16 the policy acts through a bf16 copy of its float32 weights that computes as the env's bf16 LM
-    does: an untrained policy's KL penalty is exactly 0, not bf16 noise that whitening would amplify."""
+    does: an untrained policy's KL penalty is 0 to float32 rounding (sampling renormalises the log-probs), not
+    bf16 noise (about 1e-2) that whitening would amplify."""
     env = SB3VecEnv(3, model="tiny", max_new_tokens=5, max_prompt_tokens=64, precision="bf16",
                     reward=lambda p, r, **c: [0.0] * len(r))
     agent = make_agent(env, precision="bf16", policy_kwargs={"model": "tiny", "optimizer_class": torch.optim.SGD})
     assert agent.actor_critic.lm.dtype == torch.float32  # the master weights
     data = collect(agent)
     valid = data.mask.bool()
-    assert torch.equal(data.logprobs[valid], data.ref_logprobs[valid])
-    assert not torch.equal(data.old_logprobs[valid], data.ref_logprobs[valid])  # the training forward rounds apart
+    assert (data.logprobs[valid] - data.ref_logprobs[valid]).abs().max() < 1e-6
+    assert (data.old_logprobs[valid] - data.ref_logprobs[valid]).abs().max() > 1e-4  # the training forward rounds apart
 
 
 def test_segments_bootstrap_truncation_not_termination(env):
