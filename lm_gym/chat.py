@@ -14,20 +14,37 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer, prompt: Prompt, use_chat_template: bool, system_prompt: str | None = None) -> list[int]:
-    """Token ids of a prompt: chat-formatted with the generation prompt, or plain text with special tokens;
-    a prompt given as text gets ``system_prompt`` before it (a system turn, or text and a blank line)."""
-    if system_prompt and isinstance(prompt, str):
+def encode_prompt(tokenizer, prompt: Prompt, use_chat_template: bool, system_prompt: str | None = None,
+                  instructions: str | None = None, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a prompt: chat-formatted with the generation prompt, or plain text with special tokens.
+
+    A prompt given as text gets ``system_prompt`` before it (a system turn, or text and a blank line);
+    ``instructions`` (the other party's: how to call the tools, say) join the system message of any prompt,
+    and ``tools`` go to a chat template that renders them.
+    """
+    if isinstance(prompt, str):
+        system = "\n\n".join(text for text in (system_prompt, instructions) if text)
         if not use_chat_template:
-            return tokenizer(f"{system_prompt}\n\n{prompt}").input_ids
-        prompt = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
-    if use_chat_template:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    if not isinstance(prompt, str):
+            return tokenizer(f"{system}\n\n{prompt}" if system else prompt).input_ids
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+    elif not use_chat_template:
         raise ValueError("a chat message list needs use_chat_template=True and a tokenizer with a chat template")
-    return tokenizer(prompt).input_ids
+    else:
+        messages = with_instructions(list(prompt), instructions)
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def with_instructions(messages: list[dict], instructions: str | None) -> list[dict]:
+    """``messages`` with ``instructions`` at the end of their system message (one is added when there is none)."""
+    if not instructions:
+        return messages
+    if messages and messages[0].get("role") == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instructions}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
 
 
 def format_exchange(tokenizer, prompt: Prompt, response: str) -> str:

@@ -26,7 +26,10 @@ class MultiTurn:
         when the next turn no longer fits.
     :param reply_role: chat role of the other party.
     :param reply_temperature: sampling temperature of the other party (0 = greedy).
-    :param max_reply_tokens: longest reply of the other party.
+    :param max_reply_tokens: longest turn of the other party (an LM's reply, a tool result, a game's
+        observation); a longer text is cut to fit, and the cut is marked in the turn and counted.
+    :param max_tool_calls: tool calls per episode, with ``tools``; those past it get an error result.
+    :param tool_timeout: seconds a tool call may run before it counts as timed out.
     """
 
     max_turns: int = 3
@@ -34,10 +37,14 @@ class MultiTurn:
     reply_role: str = "user"
     reply_temperature: float = 0.7
     max_reply_tokens: int = 48
+    max_tool_calls: int = 8
+    tool_timeout: float = 5.0
 
     def __post_init__(self):
-        if self.max_turns < 1 or self.context_tokens < 2 or self.max_reply_tokens < 1:
-            raise ValueError(f"max_turns, context_tokens and max_reply_tokens must be positive: {self}")
+        if min(self.max_turns, self.context_tokens - 1, self.max_reply_tokens, self.max_tool_calls) < 1:
+            raise ValueError(f"max_turns, context_tokens, max_reply_tokens and max_tool_calls must be positive: {self}")
+        if self.tool_timeout <= 0:
+            raise ValueError(f"tool_timeout must be positive, got {self.tool_timeout}")
         if self.reply_temperature < 0:
             raise ValueError(f"reply_temperature must be >= 0, got {self.reply_temperature}")
 
@@ -54,7 +61,8 @@ class EnvConfig:
     :param reward: a :class:`lm_gym.rewards.Reward` or any callable ``(prompts, responses, **context) ->
         scores``; default ``BlendedReward(FeedbackReward("default"), FluencyReward(), alpha=0.5)``. The reward
         context carries ``response_ids``, ``context_ids`` (the tokens before the response), ``ref_logprobs``
-        (per-token reference log-probs, or None with ``reference_logprobs=False``) and ``stopped``.
+        (per-token reference log-probs, or None with ``reference_logprobs=False``), ``stopped`` and ``turns``
+        (the episode's dialogue so far, one ``{"role", "text", ...}`` per turn).
     :param task: a verifiable task instead of ``prompts`` and ``reward``: a name (``"addition"``,
         ``"reverse"``, ``"reasoning-gym:NAME"``) or an :class:`lm_gym.tasks.Task`. The env draws its prompts
         from the task's first :data:`lm_gym.tasks.TRAIN_PROBLEMS` training problems (all of them, for a task
@@ -72,6 +80,12 @@ class EnvConfig:
     :param stop_token_ids: tokens that end the response; default the EOS token(s).
     :param truncate_prompt: ``None`` (too-long prompts raise), ``"left"`` or ``"right"`` (cut that side).
     :param multi_turn: ``None`` for single-turn episodes, or :class:`MultiTurn` settings (or a dict of them).
+        ``tools`` and ``other_party`` make episodes multi-turn (default :class:`MultiTurn` settings).
+    :param tools: Python callables with type hints and docstrings (or an :class:`lm_gym.tools.Toolbox`) the
+        agent may call: a turn with tool calls gets their results back, a turn without is the final answer
+        (:class:`lm_gym.parties.ToolParty`).
+    :param other_party: an :class:`lm_gym.parties.OtherParty` that answers the agent's turns (a game, for
+        example); default the env's LM, or the tools.
     :param allowed_token_ids: restrict the actions to these token ids (other ids raise); ``action_masks()``
         then marks them, for maskable policies. ``None``: every token is allowed.
     :param reference_logprobs: when the reference scores the agent's tokens. ``True``: during the steps, one
@@ -98,6 +112,8 @@ class EnvConfig:
     stop_token_ids: Any = None
     truncate_prompt: str | None = None
     multi_turn: MultiTurn | dict | None = None
+    tools: Any = None
+    other_party: Any = None
     allowed_token_ids: Any = None
     reference_logprobs: bool = True
     device: str | torch.device | None = None
@@ -115,6 +131,10 @@ class EnvConfig:
             object.__setattr__(self, name, int(value))
         if self.truncate_prompt not in (None, "left", "right"):
             raise ValueError(f"truncate_prompt={self.truncate_prompt!r}; expected None, 'left' or 'right'")
+        if self.tools is not None and self.other_party is not None:
+            raise ValueError("give tools or other_party, not both: tools make a ToolParty the other party")
+        if self.multi_turn is None and (self.tools is not None or self.other_party is not None):
+            object.__setattr__(self, "multi_turn", MultiTurn())
         if isinstance(self.multi_turn, dict):
             object.__setattr__(self, "multi_turn", MultiTurn(**self.multi_turn))
         if self.multi_turn is not None and not isinstance(self.multi_turn, MultiTurn):

@@ -21,6 +21,7 @@ from lm_gym.config import EnvConfig
 from lm_gym.data.prompts import Prompt, PromptSampler, load_prompts, prompt_text, validate_prompt
 from lm_gym.episode_batch import EpisodeBatch
 from lm_gym.models import output_vocab_size, resolve_model
+from lm_gym.parties import Answer, OtherParty, make_party
 from lm_gym.reference import ReferenceModel
 from lm_gym.rewards import Reward, as_reward, default_reward
 from lm_gym.sampling import sample_continuations
@@ -73,13 +74,14 @@ class TokenEpisodes:
     :param prompts: the prompt sampler.
     :param reward: the reward, already bound to ``reference``.
     :param stop_token_ids: the tokens that end a turn.
+    :param party: the other party of multi-turn episodes (:mod:`lm_gym.parties`); None: the env's LM answers.
 
     :meth:`from_config` loads the model and builds all of these from the settings.
     """
 
     def __init__(self, config: EnvConfig, num_rows: int, reference: ReferenceModel, prompts: PromptSampler,
-                 reward: Reward, stop_token_ids: Sequence[int]):
-        self.config, self.reference, self.prompts, self.reward = config, reference, prompts, reward
+                 reward: Reward, stop_token_ids: Sequence[int], party: OtherParty | None = None):
+        self.config, self.reference, self.prompts, self.reward, self.party = config, reference, prompts, reward, party
         self.tokenizer = reference.tokenizer
         self.reference_logprobs, self.multi_turn = config.reference_logprobs, config.multi_turn
         self.use_chat_template = _use_chat_template(config.use_chat_template, self.tokenizer)
@@ -89,7 +91,9 @@ class TokenEpisodes:
                                   score=config.reference_logprobs)
         self.device = self.batch.device
         self.stop_token_ids = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
-        self.markers = self._markers() if self.multi_turn else None
+        self._markers: dict[str, TurnMarkers] = {}
+        if party is not None:
+            party.bind(self.tokenizer, self.use_chat_template)
         self.allowed = allowed_mask(config.allowed_token_ids, self.vocab_size)
         self.ref_logprobs = torch.zeros(num_rows, self.obs_length, device=self.device)
         self.turn_start = torch.zeros(num_rows, dtype=torch.long, device=self.device)
@@ -108,14 +112,19 @@ class TokenEpisodes:
             task = make_task(config.task)
             problems = task.problems("train", TRAIN_PROBLEMS, at_most=True)
             prompts, reward = [problem.prompt for problem in problems], task.reward(problems)
+            if task.tools and config.tools is None and config.other_party is None:  # the task's tools, multi-turn
+                config = dataclasses.replace(config, tools=list(task.tools))
         reward = as_reward(reward) if reward is not None else default_reward()
         reward.bind(reference)
         stop_token_ids = resolve_stop_tokens(tokenizer, model, config.stop_token_ids)
-        return cls(config, num_rows, reference, load_prompts(prompts), reward, stop_token_ids)
+        return cls(config, num_rows, reference, load_prompts(prompts), reward, stop_token_ids, make_party(config))
 
-    def _markers(self) -> TurnMarkers:
-        stop_text = self.tokenizer.decode(self.stop_token_ids[:1].tolist())
-        return turn_markers(self.tokenizer, self.multi_turn.reply_role, self.use_chat_template, stop_text)
+    def markers(self, role: str) -> TurnMarkers:
+        """The ids around a turn of ``role`` between two of the agent's (derived once per role)."""
+        if role not in self._markers:
+            stop_text = self.tokenizer.decode(self.stop_token_ids[:1].tolist())
+            self._markers[role] = turn_markers(self.tokenizer, role, self.use_chat_template, stop_text)
+        return self._markers[role]
 
     # --- reset ---------------------------------------------------------------------------------------
 
@@ -125,9 +134,12 @@ class TokenEpisodes:
         Reset infos stay empty: clients that learn one set of info keys from every step (TorchRL's ``GymEnv``)
         cannot hold text, and the prompt comes with the response in the info of the turn's last step.
         """
+        own = [self.party.start(row, rng) if self.party else None for row, rng in zip(rows, rngs)]
         prompts = [
-            self.prompts(rng) if prompt is None else validate_prompt(prompt, "options['prompt']")
-            for rng, prompt in zip(rngs, prompts or [None] * len(rows))
+            validate_prompt(prompt, "options['prompt']") if prompt is not None
+            else validate_prompt(party_prompt, "the other party's prompt") if party_prompt is not None
+            else self.prompts(rng)
+            for rng, prompt, party_prompt in zip(rngs, prompts or [None] * len(rows), own)
         ]
         contexts = [self._encode(prompt) for prompt in prompts]  # raises before any row changes
         for row, rng, prompt in zip(rows, rngs, prompts):
@@ -137,7 +149,9 @@ class TokenEpisodes:
         self.turn_start[list(rows)] = self.batch.lengths[list(rows)]
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        ids = encode_prompt(self.tokenizer, prompt, self.use_chat_template, self.config.system_prompt)
+        party = self.party
+        ids = encode_prompt(self.tokenizer, prompt, self.use_chat_template, self.config.system_prompt,
+                            party and party.system_text(), party and party.template_tools())
         limit, truncate = self.config.max_prompt_tokens, self.config.truncate_prompt
         if len(ids) <= limit:
             return ids
@@ -174,14 +188,18 @@ class TokenEpisodes:
         truncated = turn_over & ~stop if not self.multi_turn else torch.zeros_like(active)
         turn_ends: list[TurnEnd | None] = [None] * batch.num_rows
         ended = turn_over.nonzero().squeeze(1).tolist()
-        if ended:
+        if ended and self.party is not None:
+            self._party_turns(ended, stop, reward, terminated, truncated, turn_ends)
+        elif ended:
             self._score(ended, reward, turn_ends)
             if self.multi_turn:
                 self._next_turns(ended, stop, terminated, truncated, turn_ends)
         return StepResult(ref, reward, terminated, truncated, turn_ends)
 
     def _score(self, rows: list[int], reward: torch.Tensor, turn_ends: list) -> None:
-        """Decode the finished turns of ``rows`` once and score them in one reward call."""
+        """Decode the finished turns of ``rows`` once and score them in one reward call: against the turn
+        before (the prompt, or the env LM's last reply), or, with an other party, against the episode's
+        prompt, the dialogue so far in the reward's context (``turns``)."""
         responses, response_ids, context_ids, ref_logprobs, stopped = [], [], [], [], []
         stop_ids = self.stop_token_ids.tolist()
         for row in rows:
@@ -193,10 +211,11 @@ class TokenEpisodes:
             ref_logprobs.append(self.ref_logprobs[row, start:end])
             stopped.append(bool(ids) and ids[-1] in stop_ids)
             responses.append(self.decode_response(ids))
-        prompts = [self.turns[row][-1]["text"] for row in rows]
+        prompts = [self.turns[row][0 if self.party else -1]["text"] for row in rows]
         output = self.reward.evaluate(
             prompts, responses, response_ids=response_ids, context_ids=context_ids, stopped=stopped,
             ref_logprobs=ref_logprobs if self.reference_logprobs else None,
+            turns=[[dict(turn) for turn in self.turns[row]] for row in rows],
         )
         reward[rows] = output.total.to(self.device)
         for j, row in enumerate(rows):
@@ -217,15 +236,10 @@ class TokenEpisodes:
         replying, contexts = [], []
         for row in rows:
             turn_ends[row] = dataclasses.replace(turn_ends[row], turns=[dict(turn) for turn in self.turns[row]])
-            agent_turns = sum(turn["role"] == "assistant" for turn in self.turns[row])
-            if agent_turns >= self.multi_turn.max_turns:
+            if self._agent_turns(row) >= self.multi_turn.max_turns:
                 terminated[row] = True
                 continue
-            context = self.batch.row_tokens(row)
-            if not bool(stop[row]):
-                context.append(int(self.stop_token_ids[0]))  # close a turn cut at max_new_tokens
-            context += self.markers.after_agent
-            room = self.obs_length - len(context) - len(self.markers.after_reply) - 1
+            context, room = self._next_context(row, bool(stop[row]), self.markers(self.multi_turn.reply_role))
             if room < 1:
                 truncated[row] = True
                 continue
@@ -246,9 +260,83 @@ class TokenEpisodes:
             self.turns[row].append({"role": self.multi_turn.reply_role, "text": self.decode_response(reply)})
             if not reply or reply[-1] not in self.stop_token_ids.tolist():
                 reply = reply + [int(self.stop_token_ids[0])]
-            extended.append(context + reply + self.markers.after_reply)
+            extended.append(context + reply + self.markers(self.multi_turn.reply_role).after_reply)
         self.batch.prefill(rows, extended)
         self.turn_start[rows] = self.batch.lengths[rows]
+
+    def _next_context(self, row: int, stopped: bool, markers: TurnMarkers) -> tuple[list[int], int]:
+        """The row's ids with its agent turn closed and the other party's turn opened, and the room left for
+        that turn's text (the agent's next turn needs the closing markers and at least one token)."""
+        context = self.batch.row_tokens(row)
+        if not stopped:
+            context.append(int(self.stop_token_ids[0]))  # close a turn cut at max_new_tokens
+        context += markers.after_agent
+        return context, self.obs_length - len(context) - len(markers.after_reply) - 1
+
+    # --- another party -------------------------------------------------------------------------------
+
+    def _party_turns(self, rows: list[int], stop, reward, terminated, truncated, turn_ends) -> None:
+        """After agent turns end, with an other party: it answers each turn (and may reward it), the env's
+        reward scores the turns left unrewarded, and each episode ends or takes the answer's ids."""
+        texts = [self.decode_response(self.batch.row_tokens(row, int(self.turn_start[row]))) for row in rows]
+        last = [self._agent_turns(row) + 1 >= self.multi_turn.max_turns for row in rows]
+        answers = self.party.answer(rows, texts, last)
+        unrewarded = [row for row, answer in zip(rows, answers) if answer.reward is None]
+        if unrewarded:
+            self._score(unrewarded, reward, turn_ends)
+        inserting, contexts = [], []
+        for row, text, answer, final in zip(rows, texts, answers, last):
+            if answer.reward is not None:
+                reward[row] = answer.reward
+                prompt = self.turns[row][-1]["text"]
+                self.turns[row].append({"role": "assistant", "text": text})
+                turn_ends[row] = TurnEnd(prompt, text, {"other_party": float(answer.reward)})
+            self.turns[row][-1].update(answer.record)
+            context = self._answer_context(row, bool(stop[row]), answer) if not final else None
+            if context is None:
+                ended_by_rules = answer.text is None and answer.terminated
+                terminated[row], truncated[row] = ended_by_rules, not ended_by_rules
+            else:
+                inserting.append(row)
+                contexts.append(context)
+            turn_ends[row] = dataclasses.replace(turn_ends[row], turns=[dict(turn) for turn in self.turns[row]])
+        if inserting:
+            self.batch.prefill(inserting, contexts)
+            self.turn_start[inserting] = self.batch.lengths[inserting]
+
+    def _answer_context(self, row: int, stopped: bool, answer: Answer) -> list[int] | None:
+        """The row's next context with ``answer``'s turn in it, or None when the episode ends here (the party
+        ended it, or no room is left). A text longer than the room left or ``max_reply_tokens`` is cut, with a
+        marker saying how many tokens were cut, and the turn's entry counts them (``cut_tokens``)."""
+        if answer.text is None:
+            return None
+        markers = self.markers(self.party.role)
+        context, room = self._next_context(row, stopped, markers)
+        limit = min(room, self.multi_turn.max_reply_tokens)
+        if limit < 1:
+            return None
+        ids = self.tokenizer(answer.text, add_special_tokens=False).input_ids
+        turn = {"role": self.party.role, "text": answer.text}
+        if len(ids) > limit:
+            kept, marker = self._cut(ids, limit)
+            turn["text"], turn["cut_tokens"] = self.tokenizer.decode(kept + marker), len(ids) - len(kept)
+            ids = kept + marker
+        self.turns[row].append(turn)
+        return context + ids + markers.after_reply
+
+    def _cut(self, ids: list[int], limit: int) -> tuple[list[int], list[int]]:
+        """The first ids of a too-long turn, and a marker of how many were cut, together at most ``limit``."""
+        keep = limit
+        for _ in range(3):  # the marker's length depends on the count it shows
+            keep = max(limit - len(self._cut_marker(len(ids) - keep)), 0)
+        marker = self._cut_marker(len(ids) - keep)
+        return ids[:keep], marker[: limit - keep]
+
+    def _cut_marker(self, count: int) -> list[int]:
+        return self.tokenizer(f" [... {count} tokens cut]", add_special_tokens=False).input_ids
+
+    def _agent_turns(self, row: int) -> int:
+        return sum(turn["role"] == "assistant" for turn in self.turns[row])
 
     def observation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-aligned token ids and attention masks of all rows."""

@@ -9,6 +9,8 @@ Each is an optional extra, imported on its own (nothing here is imported eagerly
   categorical token actions over the single or the batched vector env).
 - :mod:`lm_gym.integrations.tianshou` (``pip install lm-gym[tianshou]``): env factories for Tianshou's vector
   envs, the allowed-token mask under ``obs.mask``.
+- :mod:`lm_gym.integrations.textarena` (``pip install lm-gym[textarena]``): TextArena's single-player games as
+  the other party of multi-turn episodes.
 
 The SB3 ``VecEnv`` is :class:`lm_gym.sb3.SB3VecEnv`.
 """

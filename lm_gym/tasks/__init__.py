@@ -13,7 +13,8 @@ In three lines::
 
 Built in (:mod:`lm_gym.tasks.builtin`): ``"addition"`` (two 2-digit numbers) and ``"multiplication"`` (2 digits
 times 1), answered with a number, which the default model solves 5-60% of the time before training, and
-``"reverse"`` (a 3-4 letter string, in ``<answer>`` tags), which it never does; any reasoning-gym dataset as
+``"reverse"`` (a 3-4 letter string, in ``<answer>`` tags), which it never does; ``"calculator"`` (3-digit
+multiplication with a ``calculator`` tool, :mod:`lm_gym.tasks.tool_tasks`); any reasoning-gym dataset as
 ``"reasoning-gym:NAME"``.
 """
 
@@ -23,8 +24,10 @@ from lm_gym.tasks.answers import ANSWER_FORMAT, extract_answer, numbers_equal, p
 from lm_gym.tasks.base import Problem, Task, TaskReward
 from lm_gym.tasks.builtin import Addition, Arithmetic, Multiplication, Reverse
 from lm_gym.tasks.evaluation import TaskAccuracy, evaluate_task, wilson_interval
+from lm_gym.tasks.tool_tasks import CalculatorArithmetic, calculator
 
-BUILT_IN = {"addition": Addition, "multiplication": Multiplication, "reverse": Reverse}
+BUILT_IN = {"addition": Addition, "multiplication": Multiplication, "reverse": Reverse,
+            "calculator": CalculatorArithmetic}
 REASONING_GYM_PREFIX = "reasoning-gym:"
 TRAIN_PROBLEMS = 2000  # training problems an env made with task= draws its prompts from
 
@@ -49,8 +52,8 @@ def make_task(task, **options) -> Task:
 
 
 __all__ = [
-    "ANSWER_FORMAT", "Addition", "Arithmetic", "BUILT_IN", "Multiplication", "Problem", "Reverse", "TRAIN_PROBLEMS",
+    "ANSWER_FORMAT", "Addition", "Arithmetic", "BUILT_IN", "CalculatorArithmetic", "Multiplication", "Problem", "Reverse", "TRAIN_PROBLEMS",
     "Task", "TaskAccuracy",
-    "TaskReward", "evaluate_task", "extract_answer", "make_task", "numbers_equal", "parse_number",
+    "TaskReward", "calculator", "evaluate_task", "extract_answer", "make_task", "numbers_equal", "parse_number",
     "wilson_interval",
 ]

@@ -38,6 +38,7 @@ class Task:
 
     name: str = "task"
     format_credit: float = 0.1
+    tools: tuple = ()  # callables the agent may call while it solves a problem (lm_gym.tools)
 
     def make_problems(self, split: str, count: int, at_most: bool = False) -> list[Problem]:
         """``count`` problems of ``split``, the same ones every time; with ``at_most``, all of the split's

@@ -59,6 +59,7 @@ class Arithmetic(SampledTask):
     (:func:`last_number`)."""
 
     OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    instruction = NUMBER_FORMAT  # what the prompt asks for after the question
 
     def __init__(self, operation: str = "+", digits: tuple[int, int] = (2, 2), seed: int = 0, name: str | None = None,
                  either_order: bool = False):
@@ -75,7 +76,7 @@ class Arithmetic(SampledTask):
             a, b = b, a
         key = f"{a}{self.operation}{b}"
         answer = self.OPERATIONS[self.operation](a, b)
-        return key, Problem(f"What is {a} {self.operation} {b}? {NUMBER_FORMAT}", str(answer))
+        return key, Problem(f"What is {a} {self.operation} {b}? {self.instruction}", str(answer))
 
     def extract_answer(self, response):
         return last_number(response)
