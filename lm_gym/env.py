@@ -52,7 +52,9 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
 
     Observations are ``{"input_ids", "attention_mask"}``, each int64 of length L = ``max_prompt_tokens +
     max_new_tokens`` (``multi_turn.context_tokens`` in multi-turn mode), left-padded so that the last
-    position is always the latest token. The action space is ``Discrete(V)`` with V the rows of the model's
+    position is always the latest token. Multi-turn observations add ``agent_mask``: 1 at the ids the agent
+    chose (its actions), 0 at the prompt's and at every id the env inserted (the other party's turns, tool
+    results, turn markers), which are context and never actions. The action space is ``Discrete(V)`` with V the rows of the model's
     output embedding (ids past the tokenizer's vocabulary are valid actions that decode to nothing).
 
     :param config: an :class:`lm_gym.EnvConfig`; keyword ``settings`` replace its fields.
@@ -70,7 +72,8 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
         self.render_mode = render_mode
         self.config = EnvConfig.of(config, **settings)
         self.episodes = TokenEpisodes.from_config(self.config, 1)
-        self.observation_space = observation_space(self.episodes.vocab_size, self.episodes.obs_length)
+        self.observation_space = observation_space(self.episodes.vocab_size, self.episodes.obs_length,
+                                                   self.config.multi_turn is not None)
         self.action_space = spaces.Discrete(self.episodes.vocab_size)
         self._episode_over: bool | None = None  # None: never reset
 
@@ -129,8 +132,7 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
         return allowed_or_all(self.episodes.allowed, self.episodes.vocab_size).copy()
 
     def _observation(self) -> dict[str, np.ndarray]:
-        ids, mask = self.episodes.observation()
-        return {"input_ids": ids[0].cpu().numpy(), "attention_mask": mask[0].cpu().numpy()}
+        return {key: value[0].cpu().numpy() for key, value in self.episodes.observation().items()}
 
     def close(self):
         """Free the LM and its cache (device memory); safe to call twice."""
@@ -140,14 +142,16 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
                 torch.cuda.empty_cache()
 
 
-def observation_space(vocab_size: int, length: int) -> spaces.Dict:
-    """The observation space of one episode: left-padded token ids and their attention mask."""
-    return spaces.Dict(
-        {
-            "input_ids": spaces.Box(0, vocab_size - 1, shape=(length,), dtype=np.int64),
-            "attention_mask": spaces.Box(0, 1, shape=(length,), dtype=np.int64),
-        }
-    )
+def observation_space(vocab_size: int, length: int, multi_turn: bool = False) -> spaces.Dict:
+    """The observation space of one episode: left-padded token ids and their attention mask, and, in
+    multi-turn episodes, the mask of the ids the agent chose (``agent_mask``)."""
+    keys = {
+        "input_ids": spaces.Box(0, vocab_size - 1, shape=(length,), dtype=np.int64),
+        "attention_mask": spaces.Box(0, 1, shape=(length,), dtype=np.int64),
+    }
+    if multi_turn:
+        keys["agent_mask"] = spaces.Box(0, 1, shape=(length,), dtype=np.int64)
+    return spaces.Dict(keys)
 
 
 def allowed_or_all(allowed: np.ndarray | None, vocab_size: int) -> np.ndarray:

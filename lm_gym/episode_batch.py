@@ -168,12 +168,16 @@ class EpisodeBatch:
 
     def observation(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of every row, right-aligned in ``length`` positions (left padding)."""
+        mask = self.right_aligned(torch.ones_like(self.tokens), length, 0)
+        return self.right_aligned(self.tokens, length, self.pad_token_id), mask
+
+    def right_aligned(self, values: torch.Tensor, length: int, fill) -> torch.Tensor:
+        """(num_rows, length) ``values`` laid out as the rows' tokens are (one per position, left-aligned),
+        right-aligned as observations are: ``fill`` before each row's first token."""
         columns = torch.arange(length, device=self.device)
         offset = length - self.lengths
         source = (columns[None, :] - offset[:, None]).clamp(min=0, max=self.max_tokens - 1)
-        mask = (columns[None, :] >= offset[:, None]).long()
-        ids = torch.where(mask.bool(), self.tokens.gather(1, source), self.pad_token_id)
-        return ids, mask
+        return torch.where(columns[None, :] >= offset[:, None], values.gather(1, source), fill)
 
     def row_tokens(self, row: int, start: int = 0) -> list[int]:
         """Token ids of ``row`` from position ``start`` to its end, on the host."""

@@ -96,6 +96,7 @@ class TokenEpisodes:
             party.bind(self.tokenizer, self.use_chat_template)
         self.allowed = allowed_mask(config.allowed_token_ids, self.vocab_size)
         self.ref_logprobs = torch.zeros(num_rows, self.obs_length, device=self.device)
+        self.chosen = torch.zeros(num_rows, self.obs_length, dtype=torch.bool, device=self.device)  # agent's ids
         self.turn_start = torch.zeros(num_rows, dtype=torch.long, device=self.device)
         self.turns: list[list[dict]] = [[] for _ in range(num_rows)]
         self.reply_generators: list[torch.Generator | None] = [None] * num_rows
@@ -146,6 +147,7 @@ class TokenEpisodes:
             self.turns[row] = [{"role": "user", "text": prompt_text(prompt)}]
             self.reply_generators[row] = self._reply_generator(rng) if self.multi_turn else None
         self.batch.prefill(rows, contexts)
+        self.chosen[list(rows)] = False
         self.turn_start[list(rows)] = self.batch.lengths[list(rows)]
 
     def _encode(self, prompt: Prompt) -> list[int]:
@@ -178,6 +180,7 @@ class TokenEpisodes:
         ref = batch.logprobs_of(actions)
         rows = active.nonzero().squeeze(1)
         self.ref_logprobs[rows, batch.lengths[rows]] = ref[rows]
+        self.chosen[rows, batch.lengths[rows]] = True
         length = batch.lengths + 1
         stop = torch.isin(actions, self.stop_token_ids)
         limit = (length - self.turn_start >= self.config.max_new_tokens) | (length >= self.obs_length)
@@ -338,9 +341,14 @@ class TokenEpisodes:
     def _agent_turns(self, row: int) -> int:
         return sum(turn["role"] == "assistant" for turn in self.turns[row])
 
-    def observation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-aligned token ids and attention masks of all rows."""
-        return self.batch.observation(self.obs_length)
+    def observation(self) -> dict[str, torch.Tensor]:
+        """Right-aligned ``input_ids`` and ``attention_mask`` of all rows; multi-turn, ``agent_mask`` too (1
+        where the agent chose the id, 0 at the prompt's and every inserted id)."""
+        ids, mask = self.batch.observation(self.obs_length)
+        if not self.multi_turn:
+            return {"input_ids": ids, "attention_mask": mask}
+        chosen = self.batch.right_aligned(self.chosen, self.obs_length, False)
+        return {"input_ids": ids, "attention_mask": mask, "agent_mask": chosen.long()}
 
     def dialogue_text(self, row: int, with_partial_turn: bool) -> str:
         """The row's dialogue as ``[role] text`` lines, optionally with the agent's unfinished turn."""

@@ -70,7 +70,8 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         self.group_size = _group_size(group_size, self.num_envs)
         self.config = EnvConfig.of(config, **settings)
         self.episodes = TokenEpisodes.from_config(self.config, self.num_envs)
-        self.single_observation_space = observation_space(self.episodes.vocab_size, self.episodes.obs_length)
+        self.single_observation_space = observation_space(self.episodes.vocab_size, self.episodes.obs_length,
+                                                          self.config.multi_turn is not None)
         self.single_action_space = spaces.Discrete(self.episodes.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
@@ -219,10 +220,10 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
         return torch.as_tensor(array, dtype=torch.long, device=self.episodes.device)
 
     def _observation(self, numpy: bool | None = None):
-        ids, mask = self.episodes.observation()
+        observation = self.episodes.observation()
         if (self.output == "torch") if numpy is None else not numpy:
-            return {"input_ids": ids, "attention_mask": mask}
-        return {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()}
+            return observation
+        return {key: value.cpu().numpy() for key, value in observation.items()}
 
     # --- extras --------------------------------------------------------------------------------------
 

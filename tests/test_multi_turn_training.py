@@ -3,10 +3,12 @@ in the segments where they came, as context of the agent's next tokens, never as
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from stable_baselines3 import PPO
 
-from agents import GRPO, LMPPO
+from agents import GRPO, LMPPO, TransformerActorCriticPolicy
 from agents.kl import k3
 from agents.segments import Segment, SegmentBatch
 from lm_gym.sb3 import SB3VecEnv
@@ -116,3 +118,22 @@ def test_inserted_ids_carry_no_log_prob_gradient_and_no_kl(tiny):
     assert data.tokens.tolist() == [[10, 11, 12], [13, 14, 0]] and data.mask.sum() == 5
     loss.backward()  # the gradient flows through the agent's tokens; the inserted ids are input only
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.policy.parameters())
+
+
+def test_stock_sb3_ppo_with_the_transformer_policy_trains_between_inserted_turns(tiny):
+    """Stock SB3 agents act one token per step, so their actions are exactly the agent's ids; the other
+    party's turns reach them as observation context (``agent_mask`` 0) between two of their steps."""
+    model, tokenizer = tiny
+    env = SB3VecEnv(2, model=model, tokenizer=tokenizer, max_new_tokens=3, max_prompt_tokens=48,
+                    reward=lambda p, r, **c: [float(len(x)) for x in r],
+                    multi_turn=dict(max_turns=3, context_tokens=120, max_reply_tokens=4))
+    agent = PPO(TransformerActorCriticPolicy, env, n_steps=8, batch_size=16, n_epochs=1, device="cpu", seed=0,
+                policy_kwargs={"model": "tiny"})
+    before = [p.detach().clone() for p in agent.policy.parameters() if p.requires_grad]
+    agent.learn(16)
+    observations = agent.rollout_buffer.observations
+    agent_mask, attention = observations["agent_mask"], observations["attention_mask"]
+    inserted_after_actions = (attention == 1) & (agent_mask == 0) & (np.cumsum(agent_mask, axis=-1) > 0)
+    assert inserted_after_actions.any()  # some steps saw the other party's turn after the agent's tokens
+    after = [p for p in agent.policy.parameters() if p.requires_grad]
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))

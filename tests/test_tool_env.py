@@ -146,7 +146,7 @@ turn_text = st.one_of(
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), turns=st.lists(st.tuples(turn_text, st.booleans()), min_size=1, max_size=5))
-def test_every_agent_id_stays_where_it_was_put_in_every_later_observation(tiny, seed, turns):
+def test_every_agent_id_stays_where_it_was_put_and_is_marked_in_every_later_observation(tiny, seed, turns):
     env = tool_env(tiny, multi_turn=dict(max_turns=4, context_tokens=1800, max_reply_tokens=30, tool_timeout=0.05))
     obs, _ = env.reset(seed=seed)
     chosen: dict[int, int] = {}  # position in the episode -> the id the agent put there
@@ -158,6 +158,8 @@ def test_every_agent_id_stays_where_it_was_put_in_every_later_observation(tiny, 
             obs, _, terminated, truncated, _ = env.step(token)
             sequence = observed_tokens(obs)
             assert all(sequence[position] == token for position, token in chosen.items())
+            agent_mask = obs["agent_mask"][obs["attention_mask"] == 1]  # every other id is context, not an action
+            assert set(np.flatnonzero(agent_mask)) == set(chosen)
             if terminated or truncated:
                 over = True
                 break
@@ -179,3 +181,6 @@ def test_vector_env_rows_take_tool_turns_side_by_side(tiny):
     assert infos["turn_ended"][0] and not infos["_turn_ended"][1]
     row0 = tokenizer.decode(obs["input_ids"][0][obs["attention_mask"][0] == 1])
     assert row0.endswith("<tool_response>5</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert envs.single_observation_space["agent_mask"].shape == obs["agent_mask"][0].shape
+    assert obs["agent_mask"].sum(axis=1).tolist() == [len(call) + 1, len(call) + 1]  # the actions, nothing inserted
+
