@@ -293,7 +293,7 @@ class TokenEpisodes:
                 reward[row] = answer.reward
                 prompt = self.turns[row][-1]["text"]
                 self.turns[row].append({"role": "assistant", "text": text})
-                turn_ends[row] = TurnEnd(prompt, text, {"other_party": float(answer.reward)})
+                turn_ends[row] = TurnEnd(prompt, text, {"other_party": float(reward[row])})
             self.turns[row][-1].update(answer.record)
             context = self._answer_context(row, bool(stop[row]), answer) if not final else None
             if context is None:

@@ -11,7 +11,7 @@ Example::
 
     from lm_gym.integrations.textarena import TextArenaGame
     env = gymnasium.make("LanguageModelEnv-v0", other_party=TextArenaGame("GuessTheNumber-v0"),
-                         reward=None, multi_turn={"max_turns": 10, "context_tokens": 1024})
+                         multi_turn={"max_turns": 10, "context_tokens": 1024})
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class TextArenaGame(OtherParty):
 
 
 def observation_text(messages) -> str:
-    """A TextArena observation (a list of ``(sender, message, kind)``) as the text of one turn."""
+    """A TextArena observation (a list of ``(sender, message, kind)``) as the text of one turn, without the
+    echo of the agent's own action (the context holds it already)."""
     if isinstance(messages, str):
         return messages
-    return "\n".join(str(message) for _, message, _ in messages)
+    return "\n".join(str(message) for _, message, kind in messages
+                     if kind != textarena.ObservationType.PLAYER_ACTION)
