@@ -3,10 +3,12 @@
 A :class:`RolloutCache` belongs to one rollout loop (LMPPO's, an evaluation, an adapter's collector). It keeps,
 per backbone, an :class:`lm_gym.episode_batch.EpisodeBatch` of the rows' tokens and KV cache. The loop calls
 :meth:`RolloutCache.reset` with the rows whose episodes ended (their next observation is a new prompt); a row
-whose observation is not exactly its previous one plus one token is prefilled afresh all the same, so the
-cache never serves keys and values of other tokens. A row whose observation did not change (it waits for its
-prompt group, or ``predict`` was asked twice) keeps its log-probs and runs no forward. Nor of other weights: any optimizer step or in-place
-write to the parameters since the cache was filled drops it (:func:`weights_version`).
+whose observation is its previous one plus one token runs that token; one that grew by several (the env
+inserted a tool result or the other party's turn after the agent's token) runs only the new ids against its
+KV history; any other row is prefilled afresh, so the cache never serves keys and values of other tokens. A
+row whose observation did not change (it waits for its prompt group, or ``predict`` was asked twice) keeps
+its log-probs and runs no forward. Nor of other weights: any optimizer step or in-place write to the
+parameters since the cache was filled drops it (:func:`weights_version`).
 
 In bf16 a policy acts through a bf16 copy of its weights (:func:`acting_copy`, made again whenever the
 weights change, so once per rollout): a LoRA policy's with the adapters merged in, one plain bf16 forward per
@@ -64,7 +66,6 @@ class _BackboneCache:
         self.previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.version = weights_version(model)
         self.restarted = torch.zeros(rows, dtype=torch.bool, device=self.batch.device)
-        self.held = torch.zeros(rows, dtype=torch.bool, device=self.batch.device)  # unchanged, KV history dropped
 
     def fits(self, model, ids: torch.Tensor) -> bool:
         return (self.batch.num_rows, self.batch.max_tokens) == tuple(ids.shape) and (
@@ -77,7 +78,7 @@ class _BackboneCache:
         previous_ids, previous_mask = self.previous
         same_prefix = (ids[:, :-1] == previous_ids[:, 1:]).all(dim=1) & (mask[:, :-1] == previous_mask[:, 1:]).all(1)
         grew = (mask[:, -1] == 1) & (mask.sum(dim=1) == previous_mask.sum(dim=1) + 1)
-        return same_prefix & grew & (self.batch.lengths < self.batch.max_tokens) & ~self.restarted & ~self.held
+        return same_prefix & grew & (self.batch.lengths < self.batch.max_tokens) & ~self.restarted
 
     def unchanged(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Rows whose observation is exactly the previous one."""
@@ -85,6 +86,15 @@ class _BackboneCache:
             return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         previous_ids, previous_mask = self.previous
         return (ids == previous_ids).all(dim=1) & (mask == previous_mask).all(dim=1) & ~self.restarted
+
+    def continuations(self, rows: list[int], observed: list[list[int]]) -> dict[int, list[int]]:
+        """The rows among ``rows`` whose ``observed`` ids continue the ids the batch holds, with the new ids."""
+        grown = {}
+        for row, ids in zip(rows, observed):
+            held = self.batch.row_tokens(row)
+            if not self.restarted[row] and len(ids) > len(held) > 0 and ids[: len(held)] == held:
+                grown[row] = ids[len(held) :]
+        return grown
 
 
 class RolloutCache:
@@ -114,14 +124,14 @@ class RolloutCache:
             backbone = self._backbones[id(model)] = _BackboneCache(model, pad_token_id, *ids.shape, dtype)
         batch = backbone.batch
         extends, unchanged = backbone.extends(ids, mask), backbone.unchanged(ids, mask)
-        fresh = (~(extends | unchanged)).nonzero().squeeze(1).tolist()
-        held = None
-        if unchanged.any():
-            held = batch.next_logprobs[unchanged].clone(), batch.next_hidden[unchanged].clone()
-        batch.append(ids[:, -1], record=extends, forward=extends)  # drops the KV history of the other rows
+        batch.append(ids[:, -1], record=extends, forward=extends)  # the other rows keep their KV history
+        changed = (~(extends | unchanged)).nonzero().squeeze(1).tolist()
+        observed = [ids[row][mask[row].bool()].tolist() for row in changed]
+        grown = backbone.continuations(changed, observed)
+        if grown:
+            batch.extend(list(grown), list(grown.values()))
+        fresh = [(row, context) for row, context in zip(changed, observed) if row not in grown]
         if fresh:
-            batch.prefill(fresh, [ids[row][mask[row].bool()].tolist() for row in fresh])
-        if held is not None:
-            batch.next_logprobs[unchanged], batch.next_hidden[unchanged] = held
-        backbone.previous, backbone.restarted[:], backbone.held = (ids.clone(), mask.clone()), False, unchanged
+            batch.prefill([row for row, _ in fresh], [context for _, context in fresh])
+        backbone.previous, backbone.restarted[:] = (ids.clone(), mask.clone()), False
         return batch.next_logprobs, batch.next_hidden

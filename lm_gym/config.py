@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from lm_gym.precision import precision_name, resolve_precision
+from lm_gym.tools import Toolbox
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class EnvConfig:
             object.__setattr__(self, name, int(value))
         if self.truncate_prompt not in (None, "left", "right"):
             raise ValueError(f"truncate_prompt={self.truncate_prompt!r}; expected None, 'left' or 'right'")
+        if self.tools is not None:
+            check_tools(self.tools)
         if self.tools is not None and self.other_party is not None:
             raise ValueError("give tools or other_party, not both: tools make a ToolParty the other party")
         if self.multi_turn is None and (self.tools is not None or self.other_party is not None):
@@ -180,3 +184,12 @@ class EnvConfig:
     def obs_length(self) -> int:
         """Observation length L: ``max_prompt_tokens + max_new_tokens``, or the multi-turn context budget."""
         return self.multi_turn.context_tokens if self.multi_turn else self.max_prompt_tokens + self.max_new_tokens
+
+
+def check_tools(tools: Any) -> None:
+    """Raise unless ``tools`` is a :class:`lm_gym.tools.Toolbox` or a list of callables."""
+    if isinstance(tools, Toolbox) or (isinstance(tools, Sequence) and not isinstance(tools, (str, bytes))):
+        return
+    hint = f" (one tool: tools=[{tools.__name__}])" if callable(tools) and hasattr(tools, "__name__") else ""
+    raise TypeError(f"tools={tools!r:.80} is not a list of callables{hint}; expected a list of functions "
+                    "with type hints and docstrings, or an lm_gym.tools.Toolbox")

@@ -54,6 +54,7 @@ class EpisodeBatch:
         self.pad_token_id = pad_token_id
         self.tokens = torch.full((num_rows, max_tokens), pad_token_id, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(num_rows, dtype=torch.long, device=self.device)
+        self.cached = torch.zeros(num_rows, dtype=torch.long, device=self.device)  # tokens with KV history
         self.next_logprobs = torch.full((num_rows, output_vocab_size(model) if score else 1), float("nan"),
                                         device=self.device)
         self._cache_shape = (model.config.get_text_config().num_hidden_layers, num_rows,
@@ -96,11 +97,55 @@ class EpisodeBatch:
         if len(row_index) == self.num_rows:
             self.cache.clear()  # a full reset starts from the same layout whatever came before
         self.cache.place(row_index, prefill_cache, mask)
-        self.next_logprobs[row_index] = logprobs
+        self._set_latest(row_index, logprobs, hidden)
+
+    @torch.no_grad()
+    def extend(self, rows: Sequence[int], additions: Sequence[Sequence[int]]) -> None:
+        """Append ``additions[i]`` (token id lists: a tool result, the other party's turn) to ``rows``, running
+        only the ids their KV cache lacks, in one batched forward against their cached history. Rows whose
+        history was dropped (see :meth:`append`) are prefilled from all their tokens instead."""
+        rows = list(rows)
+        for row, ids in zip(rows, additions, strict=True):
+            room = self.max_tokens - int(self.lengths[row])
+            if not 0 < len(ids) <= room:
+                raise ValueError(f"row {row} can take 1..{room} more tokens, got {len(ids)}")
+            self.tokens[row, int(self.lengths[row]) : int(self.lengths[row]) + len(ids)] = torch.as_tensor(
+                list(ids), dtype=torch.long, device=self.device)
+            self.lengths[row] += len(ids)
+        if not self.score:
+            return
+        if self.released:
+            self._rebuild()
+            return
+        fresh = [row for row in rows if int(self.cached[row]) == 0]
+        if fresh:
+            self.prefill(fresh, [self.row_tokens(row) for row in fresh])
+        held = [row for row in rows if int(self.cached[row]) < int(self.lengths[row])]
+        if held:
+            self._forward_tails(held)
+
+    def _forward_tails(self, rows: list[int]) -> None:
+        """Run each row's tokens past its KV history (left-padded to one width) against that history."""
+        ids, mask = pad_left([self.row_tokens(row, int(self.cached[row])) for row in rows], self.pad_token_id,
+                             self.device)
+        row_index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        width = ids.shape[1]
+        self.cache.ensure_room(width)
+        selected = self.cache.select(row_index, width)
+        selected.slot_mask[:, selected.length : selected.length + width] = mask
+        positions = self.cached[row_index][:, None] + mask_positions(mask)
+        logprobs, hidden = self._latest(ids, selected.attention_mask(width), positions, selected)
+        self.cache.take_new(row_index, selected)
+        self._set_latest(row_index, logprobs, hidden)
+
+    def _set_latest(self, rows: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Record the latest log-probs and hidden states of ``rows``, whose KV cache now holds all their tokens."""
+        self.next_logprobs[rows] = logprobs
+        self.cached[rows] = self.lengths[rows]
         if self.keep_hidden:
             if self.next_hidden is None:
                 self.next_hidden = hidden.new_zeros(self.num_rows, hidden.shape[-1])
-            self.next_hidden[row_index] = hidden
+            self.next_hidden[rows] = hidden
 
     def _latest(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +180,8 @@ class EpisodeBatch:
         """Append ``tokens[i]`` to every row where ``record`` is set; run the ``forward`` rows through the model.
 
         ``forward`` must be a subset of ``record``. Rows recorded but not forwarded are finished: their
-        next-token log-probs are left stale and their cache history is dropped until they are prefilled.
+        next-token log-probs are left stale and their KV history is dropped (they are prefilled next). Rows
+        not recorded keep their tokens, KV history and log-probs, to be appended to or :meth:`extend`-ed later.
         """
         if self.released and bool(forward.any()):
             self._rebuild()  # from the tokens before this step's
@@ -146,19 +192,24 @@ class EpisodeBatch:
             self.tokens[rows, self.lengths[rows]] = tokens[rows]
             self.lengths[rows] += 1
         if self.score and bool(forward.any()):
-            self._forward_last(tokens, forward)
+            self._forward_last(tokens, forward, record)
 
-    def _forward_last(self, tokens: torch.Tensor, forward: torch.Tensor) -> None:
+    def _forward_last(self, tokens: torch.Tensor, forward: torch.Tensor, record: torch.Tensor) -> None:
         cache = self.cache
-        cache.slot_mask[~forward] = 0  # finished rows: attend only to their own dummy slot
+        finished = record & ~forward
+        cache.slot_mask[finished] = 0
+        self.cached[finished] = 0
         cache.ensure_room(1)
-        slot = cache.length
+        slot, idle = cache.length, ~forward
+        history = cache.slot_mask[idle, :slot].clone()
+        cache.slot_mask[idle, :slot] = 0  # idle rows run a dummy token that attends only to itself
         cache.slot_mask[:, slot] = 1
         ids = torch.where(forward, tokens, self.pad_token_id)[:, None]
         positions = torch.where(forward, self.lengths - 1, 0)[:, None]
-        self.next_logprobs, hidden = self._latest(ids, cache.attention_mask(1), positions, cache)
-        if self.keep_hidden:
-            self.next_hidden = hidden
+        logprobs, hidden = self._latest(ids, cache.attention_mask(1), positions, cache)
+        cache.slot_mask[idle, :slot] = history
+        cache.slot_mask[idle, slot] = 0
+        self._set_latest(forward.nonzero().squeeze(1), logprobs[forward], hidden[forward])
 
     def logprobs_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[i] | row i so far) under the model, for every row (NaN when not scoring)."""

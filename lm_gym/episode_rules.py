@@ -185,7 +185,8 @@ class TokenEpisodes:
         stop = torch.isin(actions, self.stop_token_ids)
         limit = (length - self.turn_start >= self.config.max_new_tokens) | (length >= self.obs_length)
         turn_over = active & (stop | limit)
-        batch.append(actions, record=active, forward=active & ~turn_over)
+        # Multi-turn, a turn's last token is run too: the next turn's ids then extend the row's KV history.
+        batch.append(actions, record=active, forward=active if self.multi_turn else active & ~turn_over)
         reward = torch.zeros(batch.num_rows, device=self.device)
         terminated = active & stop if not self.multi_turn else torch.zeros_like(active)
         truncated = turn_over & ~stop if not self.multi_turn else torch.zeros_like(active)
@@ -236,45 +237,48 @@ class TokenEpisodes:
 
     def _next_turns(self, rows, stop, terminated, truncated, turn_ends) -> None:
         """After agent turns end: terminate after the last turn, truncate when the budget is spent, else reply."""
-        replying, contexts = [], []
+        replying, openings = [], []
         for row in rows:
             turn_ends[row] = dataclasses.replace(turn_ends[row], turns=[dict(turn) for turn in self.turns[row]])
             if self._agent_turns(row) >= self.multi_turn.max_turns:
                 terminated[row] = True
                 continue
-            context, room = self._next_context(row, bool(stop[row]), self.markers(self.multi_turn.reply_role))
+            opening, room = self._opening(row, bool(stop[row]), self.markers(self.multi_turn.reply_role))
             if room < 1:
                 truncated[row] = True
                 continue
             replying.append(row)
-            contexts.append((context, min(room, self.multi_turn.max_reply_tokens)))
+            openings.append((opening, min(room, self.multi_turn.max_reply_tokens)))
         if replying:
-            self._reply(replying, contexts)
+            self._reply(replying, openings)
 
-    def _reply(self, rows: list[int], contexts: list[tuple[list[int], int]]) -> None:
-        """Let the LM write the other party's turn for ``rows`` (batched), then prefill the extended contexts."""
+    def _reply(self, rows: list[int], openings: list[tuple[list[int], int]]) -> None:
+        """Let the LM write the other party's turn for ``rows`` (batched), then run the new ids of each row."""
         replies = sample_continuations(
-            self.reference, [context for context, _ in contexts], [limit for _, limit in contexts],
-            [self.reply_generators[row] for row in rows], self.multi_turn.reply_temperature,
-            self.stop_token_ids, self.tokenizer.pad_token_id, self.obs_length,
+            self.reference, [self.batch.row_tokens(row) + opening for row, (opening, _) in zip(rows, openings)],
+            [limit for _, limit in openings], [self.reply_generators[row] for row in rows],
+            self.multi_turn.reply_temperature, self.stop_token_ids, self.tokenizer.pad_token_id, self.obs_length,
         )
-        extended = []
-        for row, (context, _), reply in zip(rows, contexts, replies):
+        additions = []
+        for row, (opening, _), reply in zip(rows, openings, replies):
             self.turns[row].append({"role": self.multi_turn.reply_role, "text": self.decode_response(reply)})
             if not reply or reply[-1] not in self.stop_token_ids.tolist():
                 reply = reply + [int(self.stop_token_ids[0])]
-            extended.append(context + reply + self.markers(self.multi_turn.reply_role).after_reply)
-        self.batch.prefill(rows, extended)
+            additions.append(opening + reply + self.markers(self.multi_turn.reply_role).after_reply)
+        self._insert(rows, additions)
+
+    def _insert(self, rows: list[int], additions: list[list[int]]) -> None:
+        """Append the other party's turns to ``rows`` (one batched forward of the new ids alone) and start the
+        agent's next turn after them."""
+        self.batch.extend(rows, additions)
         self.turn_start[rows] = self.batch.lengths[rows]
 
-    def _next_context(self, row: int, stopped: bool, markers: TurnMarkers) -> tuple[list[int], int]:
-        """The row's ids with its agent turn closed and the other party's turn opened, and the room left for
-        that turn's text (the agent's next turn needs the closing markers and at least one token)."""
-        context = self.batch.row_tokens(row)
-        if not stopped:
-            context.append(int(self.stop_token_ids[0]))  # close a turn cut at max_new_tokens
-        context += markers.after_agent
-        return context, self.obs_length - len(context) - len(markers.after_reply) - 1
+    def _opening(self, row: int, stopped: bool, markers: TurnMarkers) -> tuple[list[int], int]:
+        """The ids that close the row's agent turn and open the other party's, and the room left for that
+        turn's text (the agent's next turn needs the closing markers and at least one token)."""
+        opening = ([] if stopped else [int(self.stop_token_ids[0])]) + markers.after_agent  # close a cut turn
+        used = int(self.batch.lengths[row]) + len(opening) + len(markers.after_reply)
+        return opening, self.obs_length - used - 1
 
     # --- another party -------------------------------------------------------------------------------
 
@@ -287,7 +291,7 @@ class TokenEpisodes:
         unrewarded = [row for row, answer in zip(rows, answers) if answer.reward is None]
         if unrewarded:
             self._score(unrewarded, reward, turn_ends)
-        inserting, contexts = [], []
+        inserting, additions = [], []
         for row, text, answer, final in zip(rows, texts, answers, last):
             if answer.reward is not None:
                 reward[row] = answer.reward
@@ -295,26 +299,25 @@ class TokenEpisodes:
                 self.turns[row].append({"role": "assistant", "text": text})
                 turn_ends[row] = TurnEnd(prompt, text, {"other_party": float(reward[row])})
             self.turns[row][-1].update(answer.record)
-            context = self._answer_context(row, bool(stop[row]), answer) if not final else None
-            if context is None:
+            addition = self._answer_ids(row, bool(stop[row]), answer) if not final else None
+            if addition is None:
                 ended_by_rules = answer.text is None and answer.terminated
                 terminated[row], truncated[row] = ended_by_rules, not ended_by_rules
             else:
                 inserting.append(row)
-                contexts.append(context)
+                additions.append(addition)
             turn_ends[row] = dataclasses.replace(turn_ends[row], turns=[dict(turn) for turn in self.turns[row]])
         if inserting:
-            self.batch.prefill(inserting, contexts)
-            self.turn_start[inserting] = self.batch.lengths[inserting]
+            self._insert(inserting, additions)
 
-    def _answer_context(self, row: int, stopped: bool, answer: Answer) -> list[int] | None:
-        """The row's next context with ``answer``'s turn in it, or None when the episode ends here (the party
+    def _answer_ids(self, row: int, stopped: bool, answer: Answer) -> list[int] | None:
+        """The ids that put ``answer``'s turn after the row's, or None when the episode ends here (the party
         ended it, or no room is left). A text longer than the room left or ``max_reply_tokens`` is cut, with a
         marker saying how many tokens were cut, and the turn's entry counts them (``cut_tokens``)."""
         if answer.text is None:
             return None
         markers = self.markers(self.party.role)
-        context, room = self._next_context(row, stopped, markers)
+        opening, room = self._opening(row, stopped, markers)
         limit = min(room, self.multi_turn.max_reply_tokens)
         if limit < 1:
             return None
@@ -325,7 +328,7 @@ class TokenEpisodes:
             turn["text"], turn["cut_tokens"] = self.tokenizer.decode(kept + marker), len(ids) - len(kept)
             ids = kept + marker
         self.turns[row].append(turn)
-        return context + ids + markers.after_reply
+        return opening + ids + markers.after_reply
 
     def _cut(self, ids: list[int], limit: int) -> tuple[list[int], list[int]]:
         """The first ids of a too-long turn, and a marker of how many were cut, together at most ``limit``."""

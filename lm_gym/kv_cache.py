@@ -3,8 +3,9 @@
 Every row shares one write position: slot ``length`` of the buffer. A row's tokens occupy the last slots
 before that position (left padding), marked by the slot mask; positions are passed explicitly, so a row
 can be refilled with a new prompt while the others keep decoding. Memory is allocated once per batch:
-``update`` writes in place, and when the buffer is full :meth:`EpisodeCache.compact` moves the live
-slots to the front.
+``update`` writes in place, and when the buffer is full :meth:`EpisodeCache.compact` packs each row's live
+slots, in order, at the front (a row's slots need not be contiguous: positions are explicit, so attention
+does not depend on where a key sits).
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ class SlotLayer(DynamicLayer):
                 buffer[:, :, dst_start : dst_start + count] = buffer[:, :, src].clone()
         self.length = new_length
 
+    def gather(self, order: torch.Tensor, length: int) -> None:
+        """Make slot j of row r the old slot ``order[r, j]``, for j < ``length`` = ``order.shape[1]``."""
+        if self.is_initialized:
+            for buffer in (self.keys, self.values):
+                index = order[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
+                buffer[:, :, :length] = buffer.gather(2, index)
+        self.length = length
+
 
 class EpisodeCache(Cache):
     """KV cache plus slot mask for ``num_rows`` episodes of one model (see the module docstring)."""
@@ -78,20 +87,22 @@ class EpisodeCache(Cache):
         return self.slot_mask[:, : self.length + new_tokens]
 
     def live_span(self) -> int:
-        """Slots from the oldest still-attended slot of any row to the end."""
-        used = self.slot_mask[:, : self.length].any(dim=0).nonzero()
-        return self.length - int(used[0]) if len(used) else 0
+        """Slots the live keys would take once packed: the most live slots of any row."""
+        return int(self.slot_mask[:, : self.length].sum(dim=1).max()) if self.length else 0
 
     def compact(self) -> None:
-        """Move the live span to the front of the buffer, freeing the slots before it."""
-        span, start = self.live_span(), self.length
-        start -= span
-        if start == 0:
+        """Pack each row's live slots, in order, into the front ``live_span()`` slots (right-aligned, as a
+        prefill places them), freeing every slot after them."""
+        length, span = self.length, self.live_span()
+        if span == length:
             return
+        live = self.slot_mask[:, :length].bool()
+        order = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, length - span :]  # (R, span)
         for layer in self.layers:
-            layer.move(slice(start, start + span), 0, span)
-        self.slot_mask[:, :span] = self.slot_mask[:, start : start + span].clone()
-        self.slot_mask[:, span:] = 0
+            layer.gather(order, span)
+        mask = live.gather(1, order).to(self.slot_mask.dtype)
+        self.slot_mask.zero_()
+        self.slot_mask[:, :span] = mask
 
     def ensure_room(self, new_tokens: int) -> None:
         """Compact when fewer than ``new_tokens`` free slots are left."""
@@ -122,6 +133,31 @@ class EpisodeCache(Cache):
                 layer.lazy_initialization(source.keys, source.values)
             layer.keys[rows, :, start : self.length] = source.keys
             layer.values[rows, :, start : self.length] = source.values
+
+    def select(self, rows: torch.Tensor, new_tokens: int) -> EpisodeCache:
+        """A cache of ``rows`` alone, for a forward of their next ``new_tokens`` (whose mask must be set in
+        its ``slot_mask`` first): their live slots, copied, and room for the new ones after them.
+        Call :meth:`ensure_room` first, and :meth:`take_new` after the forward."""
+        length = self.length
+        selected = EpisodeCache(len(self.layers), len(rows), length + new_tokens, self.slot_mask.device)
+        for layer, source in zip(selected.layers, self.layers):
+            layer.lazy_initialization(source.keys[rows, :, :1], source.values[rows, :, :1])
+            layer.keys[:, :, :length] = source.keys[rows, :, :length]
+            layer.values[:, :, :length] = source.values[rows, :, :length]
+            layer.length = length
+        selected.slot_mask[:, :length] = self.slot_mask[rows, :length]
+        return selected
+
+    def take_new(self, rows: torch.Tensor, selected: EpisodeCache) -> None:
+        """Write the slots a forward added to ``selected`` (this cache's :meth:`select` of ``rows``) after the
+        live slots, masked out for every other row."""
+        start, end = self.length, selected.length
+        self.slot_mask[:, start:end] = 0
+        self.slot_mask[rows, start:end] = selected.slot_mask[:, start:end]
+        for layer, source in zip(self.layers, selected.layers):
+            layer.keys[rows, :, start:end] = source.keys[:, :, start:end]
+            layer.values[rows, :, start:end] = source.values[:, :, start:end]
+            layer.length = end
 
     def _shift_right(self, by: int) -> None:
         length = self.length

@@ -137,3 +137,32 @@ def test_stock_sb3_ppo_with_the_transformer_policy_trains_between_inserted_turns
     assert inserted_after_actions.any()  # some steps saw the other party's turn after the agent's tokens
     after = [p for p in agent.policy.parameters() if p.requires_grad]
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_acting_after_an_inserted_turn_runs_only_the_new_ids(tiny):
+    """The rollout cache extends a row's KV history by the ids the env inserted after the agent's token (one
+    forward of those ids alone), keeps a waiting row as it is, and gives the log-probs of a full forward."""
+    from agents.rollout_cache import RolloutCache
+
+    model, tokenizer = tiny
+    cache, length = RolloutCache(), 24
+    rows = [[5, 6, 7, 8], [9, 10, 11]]
+
+    def latest(rows):  # observations as the env gives them: right-aligned in `length` positions
+        ids = torch.tensor([[tokenizer.pad_token_id] * (length - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+        return cache.latest(model, tokenizer.pad_token_id, ids, mask)[0].clone()
+
+    latest(rows)
+    rows[0] = rows[0] + [12, 40, 41, 42]  # the agent's token, then the env's turn (3 ids); row 1 waits
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape))
+    try:
+        logprobs = latest(rows)
+    finally:
+        hook.remove()
+    assert widths == [torch.Size([1, 4])]  # row 0's 4 new ids in one forward; row 1 runs nothing
+    with torch.no_grad():
+        for row, tokens in enumerate(rows):
+            expected = torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), dim=-1)
+            assert torch.allclose(logprobs[row], expected, atol=1e-4)

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from lm_gym import EnvConfig
 from lm_gym.tool_format import parse_default_calls, tools_instructions
 from lm_gym.tools import ToolCall, Toolbox
 
@@ -77,6 +78,14 @@ def test_bad_tools_are_refused_clearly():
         Toolbox([lambda x: x])  # no hints, no docstring
     with pytest.raises(ValueError, match="unique"):
         Toolbox([add, add])
+
+
+def test_env_settings_take_a_list_of_tools_and_say_so_when_given_one_alone():
+    with pytest.raises(TypeError, match=r"one tool: tools=\[add\]"):
+        EnvConfig(tools=add)
+    with pytest.raises(TypeError, match="not a list of callables"):
+        EnvConfig(tools="add")
+    assert EnvConfig(tools=(add,)).multi_turn is not None
 
 
 def test_default_format_parses_calls_and_flags_malformed_ones():
