@@ -183,7 +183,8 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--eval-prompts", type=int, default=16)
     evaluate.add_argument("--alpha", type=float, default=0.5)
     evaluate.add_argument("--task", help="a verifiable task ('addition', 'reverse', 'reasoning-gym:NAME'): greedy "
-                                         "accuracy and pass@k on its held-out problems, with 95%% intervals")
+                                         "accuracy and pass@k on its held-out problems, with 95%% intervals; a task "
+                                         "with tools ('calculator'): greedy accuracy and tool use in multi-turn episodes")
     evaluate.add_argument("--problems", type=int, default=200, help="held-out problems of --task")
     evaluate.add_argument("--samples", type=int, default=8, help="k of pass@k with --task (0: greedy accuracy only)")
     evaluate.add_argument("--max-new-tokens", type=int, default=64, help="response length limit with --task")
@@ -224,13 +225,30 @@ def run_task_eval(args: argparse.Namespace) -> int:
 
     precision = resolve_precision(args.precision, None)
     model, tokenizer = lm_gym.load_model(args.model or "default", dtype=precision.dtype)
-    result = evaluate_task(model, tokenizer, make_task(args.task), problems=args.problems, samples=args.samples,
+    task = make_task(args.task)
+    if task.tools:
+        return run_tool_task_eval(model, tokenizer, task, args)
+    result = evaluate_task(model, tokenizer, task, problems=args.problems, samples=args.samples,
                            max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None, seed=args.seed)
     print(f"{args.task}, {args.problems} held-out problems:")
     print(f"  greedy accuracy  {result['greedy']}")
     if args.samples:
         print(f"  pass@{args.samples:<10} {result[f'pass@{args.samples}']}")
     print(f"  answer format    {result['formatted']:.1%} of greedy responses")
+    return 0
+
+
+def run_tool_task_eval(model, tokenizer, task, args: argparse.Namespace) -> int:
+    """Greedy accuracy and tool use on a tool task's held-out problems, each one multi-turn episode."""
+    from lm_gym.tasks import evaluate_tool_task
+
+    result = evaluate_tool_task(model, tokenizer, task, problems=args.problems, max_new_tokens=args.max_new_tokens,
+                                system_prompt=args.system_prompt or None, seed=args.seed)
+    print(f"{args.task}, {args.problems} held-out problems, greedy episodes with the task's tools:")
+    print(f"  accuracy           {result['accuracy']}")
+    print(f"  called a tool      {result['called']}")
+    print(f"  valid calls        {result['valid_calls']}")
+    print(f"  errors             {result['errors'] or 'none'}")
     return 0
 
 

@@ -38,12 +38,13 @@ def evaluate(agent: LMPPO, env: SB3VecEnv, prompts: list, seed: int) -> dict:
         obs, step_rewards, dones, step_infos = env.step(actions.cpu().numpy())
         for row in np.flatnonzero(~done):
             kl[row] += logprobs[row] - step_infos[row]["ref_logprob"]
+            rewards[row] += step_rewards[row]  # the return: every turn's reward (multi-turn episodes have several)
             if dones[row]:
-                rewards[row], infos[row], done[row] = step_rewards[row], step_infos[row], True
+                infos[row], done[row] = step_infos[row], True
                 stopped[row] = not step_infos[row].get("TimeLimit.truncated", False)
     env.release_memory()  # its KV cache is not needed until the next evaluation
-    components = {name: np.array([info["reward_components"][name] for info in infos])
-                  for name in infos[0]["reward_components"]}
+    names = dict.fromkeys(name for info in infos for name in info["reward_components"])  # a cut tool turn has its own
+    components = {name: np.array([info["reward_components"].get(name, 0.0) for info in infos]) for name in names}
     return {
         "reward": float(rewards.mean()),
         "reward_stderr": standard_error(rewards),

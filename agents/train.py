@@ -50,6 +50,8 @@ BRIEF_ANSWERS = "You are a helpful assistant. Keep every answer brief: at most t
 LORA_LEARNING_RATE, FULL_LEARNING_RATE = 2e-4, 1e-5  # learning_rate's defaults
 AGENTS = {"ppo": LMPPO, "grpo": GRPO, "rloo": RLOO, "reinforce++": ReinforcePlusPlus}
 GROUP_SIZE = 8  # group_size's default for the group-relative algorithms (grpo, rloo)
+TOOL_RESULT_TOKENS = 48  # longest tool result turn kept in full (a longer one is cut, with a marker)
+PROMPT_TOKENS, TOOL_PROMPT_TOKENS = 96, 640  # max_prompt_tokens' defaults: the tools' instructions take room
 
 
 @dataclass
@@ -62,7 +64,8 @@ class TrainConfig:
     prompts: str | None = None
     alpha: float = 0.5
     max_new_tokens: int = 64
-    max_prompt_tokens: int = 96
+    max_prompt_tokens: int | None = None
+    max_turns: int = 3
     num_envs: int = 32
     iterations: int = 6
     learning_rate: float | None = None
@@ -91,13 +94,17 @@ class TrainConfig:
     HELP: ClassVar[dict[str, str]] = {  # one line of meaning per field: the flags' --help
         "model": "the policy and reference LM: 'default' (SmolLM2-135M-Instruct), 'tiny', a directory or a hub id",
         "algo": "the agent: 'ppo' (LMPPO, with a critic), or critic-free 'grpo', 'rloo' or 'reinforce++'",
-        "task": "a verifiable task instead of the prompts and blended reward: 'addition', 'reverse' or "
-                "'reasoning-gym:NAME'; reward 1 for a correct answer",
+        "task": "a verifiable task instead of the prompts and blended reward: 'addition', 'multiplication', "
+                "'reverse', 'calculator' (with a calculator tool) or 'reasoning-gym:NAME'; reward 1 for a correct answer",
         "prompts": "training prompts: a .txt/.jsonl file (default: the 240 shipped prompts); the last "
                    "eval_prompts are held out",
         "alpha": "weight of the human-feedback reward r_f in r = alpha*r_f + (1-alpha)*fluency",
         "max_new_tokens": "response length limit in tokens (also the rollout length per iteration)",
-        "max_prompt_tokens": "prompt length limit in tokens; longer prompts keep their last tokens",
+        "max_prompt_tokens": f"prompt length limit in tokens (default {PROMPT_TOKENS}, {TOOL_PROMPT_TOKENS} on a task "
+                             "with tools); longer prompts keep their last tokens, except that a prompt with tools' "
+                             "instructions in it is never cut (it is an error)",
+        "max_turns": "agent turns per episode of a task with tools (calls, then the answer); the rollout then "
+                     "takes max_turns * max_new_tokens steps",
         "num_envs": "episodes per rollout, stepped together in one batched forward",
         "iterations": "rollout + update iterations",
         "learning_rate": "learning rate of the LM (default: 2e-4 for LoRA adapters, 1e-5 for full fine-tuning)",
@@ -161,8 +168,14 @@ class TrainConfig:
         if learning_rate is None:
             learning_rate = LORA_LEARNING_RATE if self.lora_rank else FULL_LEARNING_RATE
         group_size = self.group_size or (GROUP_SIZE if self.algo in ("grpo", "rloo") else 1)
+        prompt_tokens = self.max_prompt_tokens or prompt_budget(self.task is not None and bool(make_task(self.task).tools))
         return dataclasses.replace(self, precision=precision.name, learning_rate=learning_rate,
-                                   group_size=group_size), precision
+                                   group_size=group_size, max_prompt_tokens=prompt_tokens), precision
+
+
+def prompt_budget(with_tools: bool) -> int:
+    """``max_prompt_tokens``' default: room for the tools' instructions in the prompt when there are tools."""
+    return TOOL_PROMPT_TOKENS if with_tools else PROMPT_TOKENS
 
 
 def split_prompts(config: TrainConfig) -> tuple[list, list]:
@@ -175,11 +188,17 @@ def split_prompts(config: TrainConfig) -> tuple[list, list]:
 
 @dataclass
 class TrainingData:
-    """What the policy trains on: training and held-out prompts, and a factory of the reward (one per env)."""
+    """What the policy trains on: training and held-out prompts, a factory of the reward (one per env), and the
+    tools the agent may call (a task's; the episodes are multi-turn when there are any)."""
 
     train_prompts: list
     eval_prompts: list
     reward: Callable[[], object]
+    tools: tuple = ()
+
+    def turns(self, config: TrainConfig) -> int:
+        """Agent turns per episode: ``config.max_turns`` with tools, else 1."""
+        return config.max_turns if self.tools else 1
 
 
 def training_data(config: TrainConfig) -> TrainingData:
@@ -191,7 +210,7 @@ def training_data(config: TrainConfig) -> TrainingData:
         task = make_task(config.task)
         train, held_out = task.problems("train", TRAIN_PROBLEMS, at_most=True), task.problems("eval", config.eval_prompts)
         return TrainingData([p.prompt for p in train], [p.prompt for p in held_out],
-                            lambda: task.reward([*train, *held_out]))
+                            lambda: task.reward([*train, *held_out]), tuple(task.tools))
     train_prompts, eval_prompts = split_prompts(config)
     return TrainingData(train_prompts, eval_prompts, lambda: default_blend(config.alpha, config.feedback_db))
 
@@ -215,20 +234,25 @@ def with_missing_eos_penalty(reward, penalty: float):
 
 
 def make_env(config: TrainConfig, prompts: list, num_envs: int, model, tokenizer, reward=None,
-             group_size: int = 1) -> SB3VecEnv:
-    """The training or evaluation env: ``reward`` (default: :func:`default_blend`) with the missing-EOS penalty.
+             group_size: int = 1, tools: tuple = ()) -> SB3VecEnv:
+    """The training or evaluation env: ``reward`` (default: :func:`default_blend`) with the missing-EOS penalty;
+    with ``tools``, episodes of up to ``max_turns`` agent turns in which the env runs the agent's tool calls.
 
     Both score each token with the reference as it is taken: the KL penalty and the fluency reward read
     those log-probs, which in bf16 come from the same decode as the policy's (an untrained policy's KL is
     0 to float32 rounding, :mod:`agents.rollout_cache`), and one decode step costs less than scoring the episodes again.
     """
     reward = reward if reward is not None else default_blend(config.alpha, config.feedback_db)
+    multi_turn, prompt_tokens = None, config.max_prompt_tokens or prompt_budget(bool(tools))
+    if tools:  # room for the prompt (with the tools' instructions) and every turn, each with a tool result
+        context = prompt_tokens + config.max_turns * (config.max_new_tokens + TOOL_RESULT_TOKENS)
+        multi_turn = dict(max_turns=config.max_turns, context_tokens=context, max_reply_tokens=TOOL_RESULT_TOKENS)
     return SB3VecEnv(
         num_envs, group_size=group_size, model=model, tokenizer=tokenizer, prompts=prompts,
         reward=with_missing_eos_penalty(reward, config.missing_eos_penalty),
-        max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
-        truncate_prompt="left", system_prompt=config.system_prompt, device=config.device,
-        precision=config.precision,
+        max_new_tokens=config.max_new_tokens, max_prompt_tokens=prompt_tokens,
+        truncate_prompt=None if tools else "left", system_prompt=config.system_prompt, device=config.device,
+        precision=config.precision, tools=list(tools) or None, multi_turn=multi_turn,
     )
 
 
@@ -239,14 +263,20 @@ def make_rank_env(config: TrainConfig, data: TrainingData) -> SB3VecEnv:
     if config.num_envs % ranks:
         raise ValueError(f"num_envs={config.num_envs} does not split evenly over {ranks} ranks")
     return make_env(config, data.train_prompts, config.num_envs // ranks, config.model, None, data.reward(),
-                    config.group_size or 1)
+                    config.group_size or 1, data.tools)
+
+
+def rollout_steps(config: TrainConfig, env: SB3VecEnv) -> int:
+    """Steps of every row per rollout: room for a whole episode, ``max_new_tokens`` per agent turn."""
+    multi_turn = env.venv.config.multi_turn
+    return config.max_new_tokens * (multi_turn.max_turns if multi_turn else 1)
 
 
 def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
     """The configured agent (``algo``) with the run's settings; the policy starts from the same model as the
     env (the reference)."""
     settings = dict(
-        env=env, n_steps=config.max_new_tokens, batch_size=config.batch_size,
+        env=env, n_steps=rollout_steps(config, env), batch_size=config.batch_size,
         micro_batch_tokens=config.micro_batch_tokens, minibatches=config.minibatches, n_epochs=config.n_epochs,
         learning_rate=config.learning_rate, kl_coef=config.kl_coef, seed=config.seed, device=config.device or "auto",
         policy_kwargs=policy_kwargs(config, env),
@@ -283,7 +313,8 @@ def run(config: TrainConfig, run_dir: Path, resume: bool = False, data: Training
     env = make_rank_env(config, data)
     eval_env = None
     if main:  # rank 0 alone evaluates
-        eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, data.reward())
+        eval_env = make_env(config, eval_prompts, len(eval_prompts), env.model, env.tokenizer, data.reward(),
+                            tools=data.tools)
     if resume:
         if not (run_dir / "checkpoint.zip").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint.zip to resume from")
@@ -336,7 +367,7 @@ def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration
     torch.manual_seed(config.seed * 100_003 + iteration + rank * 1_000_003)
     env.seed(config.seed * 100_003 + iteration * config.num_envs + rank * env.num_envs)
     agent.reset_episodes()
-    agent.learn(total_timesteps=config.max_new_tokens * config.num_envs, reset_num_timesteps=False,
+    agent.learn(total_timesteps=rollout_steps(config, env) * env.num_envs, reset_num_timesteps=False,
                 tb_log_name="lmppo", callback=CallbackList([RefreshRewardCallback(env), ReleaseMemoryCallback()]))
 
 

@@ -34,7 +34,7 @@ def worker(args: argparse.Namespace) -> None:
     distributed.setup()
     torch.set_num_threads(args.threads)
     config = TrainConfig(model=args.model, num_envs=args.envs, max_new_tokens=args.response_tokens,
-                         batch_size=args.envs * args.response_tokens, critic_warmup=0)
+                         batch_size=args.envs * args.response_tokens, critic_warmup=0).resolved()[0]
     env = make_rank_env(config, training_data(config))
     agent = make_agent(config, env)
     seconds = []

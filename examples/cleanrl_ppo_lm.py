@@ -6,7 +6,11 @@ one batched forward of the env's LM); the update is the textbook clipped PPO los
 observation, one full forward each, as CleanRL does it. ``agents.LMPPO`` is the fast version of the same
 idea (one forward per episode, the LM recipe); this file is for reading and hacking.
 
-    python examples/cleanrl_ppo_lm.py --model tiny --num-updates 20
+With ``--max-turns 2`` or more the episodes are dialogues: between the agent's turns the env's LM answers,
+and its ids enter the observations as context (``agent_mask`` 0). Every stored step is one of the agent's
+own tokens, so the loss, the advantages and their normalisation cover the agent's ids alone.
+
+    python examples/cleanrl_ppo_lm.py --model tiny --num-updates 20 [--max-turns 2]
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from lm_gym.padding import mask_positions
 class Args:
     model: str = "tiny"  # "default" for SmolLM2-135M-Instruct
     num_envs: int = 8
-    max_new_tokens: int = 8
+    max_new_tokens: int = 8  # per agent turn
+    max_turns: int = 1  # agent turns per episode; more: the env's LM answers between them
     num_steps: int = 16  # env steps per rollout, per env
     num_updates: int = 20
     learning_rate: float = 3e-3
@@ -69,9 +74,12 @@ def main(argv: list[str] | None = None) -> list[float]:
     """Train; return the mean finished-episode reward of each update."""
     args = parse(argv)
     torch.manual_seed(args.seed)
+    dialogue = None if args.max_turns == 1 else {  # room for the prompt and every turn, the LM's replies cut at 16
+        "max_turns": args.max_turns, "context_tokens": 128 + args.max_turns * (args.max_new_tokens + 24),
+        "max_reply_tokens": 16}
     envs = gym.make_vec("LanguageModelEnv-v0", num_envs=args.num_envs, vectorization_mode="vector_entry_point",
                         model=args.model, max_new_tokens=args.max_new_tokens, reward=low_token_ids,
-                        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+                        multi_turn=dialogue, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     agent = Agent(lm_gym.load_model(args.model)[0])
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     length = envs.single_observation_space["input_ids"].shape[0]

@@ -135,8 +135,10 @@ class LanguageModelEnv(EpisodesOwner, gym.Env):
         return {key: value[0].cpu().numpy() for key, value in self.episodes.observation().items()}
 
     def close(self):
-        """Free the LM and its cache (device memory); safe to call twice."""
+        """Free the LM and its cache (device memory) and close the other party; safe to call twice."""
         if getattr(self, "episodes", None) is not None:
+            if self.episodes.party is not None:
+                self.episodes.party.close()
             self.episodes = None
             if torch.cuda is not None and torch.cuda.is_available():  # None during interpreter shutdown
                 torch.cuda.empty_cache()

@@ -67,6 +67,9 @@ class OtherParty:
         """What the chat template's ``tools=`` gets (None: nothing)."""
         return None
 
+    def close(self) -> None:
+        """Release what the party holds (sessions, connections); the env calls it when it is closed."""
+
 
 class ToolParty(OtherParty):
     """Tools as the other party: an agent turn with tool calls gets their results back (reward 0, the

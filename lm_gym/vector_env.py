@@ -240,7 +240,10 @@ class LanguageModelVectorEnv(EpisodesOwner, VectorEnv):
                      for row in range(self.num_envs))
 
     def close_extras(self, **kwargs) -> None:
-        """Free the LM and its cache."""
+        """Free the LM and its cache and close the other party."""
+        episodes = getattr(self, "episodes", None)  # None, or never made when the settings were refused
+        if episodes is not None and episodes.party is not None:
+            episodes.party.close()
         self.episodes = None
         cuda = getattr(torch, "cuda", None)  # torch's globals are None during interpreter shutdown
         if cuda is not None and cuda.is_available():

@@ -166,3 +166,19 @@ def test_acting_after_an_inserted_turn_runs_only_the_new_ids(tiny):
         for row, tokens in enumerate(rows):
             expected = torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), dim=-1)
             assert torch.allclose(logprobs[row], expected, atol=1e-4)
+
+
+def test_turn_rewards_add_up_to_the_return_whatever_the_number_of_turns(tiny):
+    """Two turns rewarded 0.5 each and one turn rewarded 1.0 are the same return: nothing is normalised by
+    the number of turns the policy chose to take."""
+    model, tokenizer = tiny
+    grouped = SB3VecEnv(2, group_size=2, model=model, tokenizer=tokenizer, max_new_tokens=4, max_prompt_tokens=48,
+                        multi_turn=MULTI, reward=lambda p, r, **c: [1.0] * len(r))
+    agent = make_agent(grouped, GRPO)
+    two_turns = segment([5, 6, 7], [10, 11, 12, 13], [(2, [20, 21])])
+    two_turns.scores = [0.0, 0.5, 0.0, 0.5]  # each turn's reward on its last token
+    one_turn = segment([5, 6, 7], [14, 15])
+    data = SegmentBatch.from_segments([two_turns, one_turn], 0, "cpu")
+    to_go = agent._returns_to_go(data)
+    assert to_go[:, 0].tolist() == [1.0, 1.0]
+    assert to_go[0, :4].tolist() == [1.0, 1.0, 0.5, 0.5]  # a token's return: the turn rewards after it

@@ -8,10 +8,11 @@ import pytest
 
 import lm_gym
 from lm_gym.tasks import (
-    Addition, Multiplication, Reverse, TaskAccuracy, evaluate_task, extract_answer, make_task, numbers_equal,
-    parse_number, wilson_interval,
+    Addition, Multiplication, Reverse, TaskAccuracy, evaluate_task, evaluate_tool_task, extract_answer, make_task,
+    numbers_equal, parse_number, wilson_interval,
 )
 from lm_gym.tasks.answers import last_number
+from lm_gym.tasks.tool_evaluation import episode_record
 
 
 def test_the_last_answer_span_counts():
@@ -168,3 +169,27 @@ def test_the_env_trains_on_a_task_with_fewer_problems_than_it_draws_from(tiny):
     train = {p.prompt for p in make_task("multiplication").problems("train", lm_gym.tasks.TRAIN_PROBLEMS, at_most=True)}
     assert 0 < len(train) < lm_gym.tasks.TRAIN_PROBLEMS
     assert env.unwrapped.episodes.turns[0][0]["text"] in train
+
+
+def test_a_tool_task_is_evaluated_in_episodes_with_its_tools(tiny):
+    model, tokenizer = tiny
+    task = make_task("calculator")
+    first = evaluate_tool_task(model, tokenizer, task, problems=3, max_new_tokens=6, max_turns=2, batch_size=2)
+    again = evaluate_tool_task(model, tokenizer, task, problems=3, max_new_tokens=6, max_turns=2, batch_size=2)
+    held_out = [p.prompt for p in task.problems("eval", 3)]
+    assert [e["turns"][0]["text"] for e in first["episodes"]] == held_out  # one episode per problem, in order
+    assert first["accuracy"].total == 3 and first["called"].total == 3
+    assert [e["turns"] for e in first["episodes"]] == [e["turns"] for e in again["episodes"]]  # greedy
+    with pytest.raises(ValueError, match="has no tools"):
+        evaluate_tool_task(model, tokenizer, make_task("addition"), problems=2)
+
+
+def test_an_episode_record_counts_its_calls_and_checks_the_final_answer():
+    call = {"name": "calculator", "arguments": {"expression": "2*3"}, "result": "6", "error": None, "seconds": 0.0}
+    bad = {**call, "result": "error: ...", "error": "invalid_arguments"}
+    info = {"turns": [{"role": "user", "text": "q"}, {"role": "assistant", "text": "c", "tool_calls": [call, bad]},
+                      {"role": "tool", "text": "6"}, {"role": "assistant", "text": "6"}],
+            "reward_components": {"correct": 1.0, "formatted": 1.0}}
+    record = episode_record(info)
+    assert record["correct"] and record["tool_calls"] == [call, bad]
+    assert not episode_record({**info, "reward_components": {"other_party": 0.0}})["correct"]

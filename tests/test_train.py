@@ -1,6 +1,7 @@
 """``lm-gym train`` on the tiny model: the run directory, exact resume after Ctrl-C, export, generate, eval."""
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_run_directory_holds_every_artefact(tmp_path):
     assert {"feedback", "fluency", "missing_eos"} == set(state["after"]["components"])
     exported = lm_gym.LanguageModelEnv(model=str(tmp_path / "model"), max_new_tokens=2, reward=lambda p, r, **c: [0.0])
     exported.reset(seed=0)
-    resolved = TrainConfig(**TINY, precision="fp32", group_size=1)
+    resolved = TrainConfig(**TINY, precision="fp32", group_size=1, max_prompt_tokens=training.PROMPT_TOKENS)
     assert TrainConfig.from_toml(tmp_path / "config.toml") == resolved  # as resolved
     assert 'precision = "fp32"  # ' in (tmp_path / "config.toml").read_text()  # with the reason
 
@@ -122,6 +123,20 @@ def test_critic_free_training_on_a_task(tmp_path, algo):
     assert len(rows) == 2
     saved = TrainConfig.from_toml(tmp_path / "config.toml")
     assert (saved.algo, saved.task, saved.group_size) == (algo, "addition", 2)
+
+
+def test_training_on_a_tool_task_plays_multi_turn_episodes_with_its_tools(tmp_path):
+    config = TrainConfig(**{**TINY, "iterations": 1}, algo="grpo", task="calculator", group_size=2, max_turns=2)
+    state = run(config, tmp_path)
+    assert {"calculator", "correct", "formatted", "missing_eos"} <= set(state["after"]["components"])
+    saved = TrainConfig.from_toml(tmp_path / "config.toml")
+    assert (saved.max_turns, saved.max_prompt_tokens) == (2, training.TOOL_PROMPT_TOKENS)  # room for the tools
+    env = training.make_rank_env(saved, training.training_data(saved))
+    assert env.venv.config.multi_turn.max_turns == 2 and [t.__name__ for t in env.venv.config.tools] == ["calculator"]
+    assert training.rollout_steps(saved, env) == 2 * saved.max_new_tokens  # room for a whole episode
+    with pytest.raises(ValueError, match="more than max_prompt_tokens=50"):  # the tools' instructions are never cut
+        env = training.make_rank_env(dataclasses.replace(saved, max_prompt_tokens=50), training.training_data(saved))
+        env.reset()
 
 
 def test_bad_algorithm_settings_are_refused(tmp_path):

@@ -146,6 +146,81 @@ for old, new in list(zip(before_texts, after_texts))[:3]:
     print(f"before: {old!r}\\nafter:  {new!r}\\n")"""),
 ]
 
+TOOLS = [
+    ("markdown", """# Multi-turn episodes with tools
+
+The agent writes a turn token by token; when its turn holds a tool call, the env runs the tool and inserts
+the result's ids after the agent's, then the agent's next turn starts. The agent's sampled ids are never
+decoded and re-encoded, and `obs["agent_mask"]` marks which ids the agent chose: those are the actions
+every agent in `agents/` trains on; the inserted ids are context.
+
+This notebook runs on the tiny offline model in about a minute; its policy is random, so it shows the
+mechanics. Set `MODEL = "default"` for SmolLM2-135M-Instruct; `benchmarks/RESULTS.md` has its numbers on
+the calculator task."""),
+    ("code", """import gymnasium as gym
+import matplotlib.pyplot as plt
+import numpy as np
+
+import lm_gym
+from agents import GRPO
+from lm_gym.sb3 import SB3VecEnv
+from lm_gym.tasks import evaluate_tool_task, make_task
+
+MODEL = "tiny"  # "default" for SmolLM2-135M-Instruct"""),
+    ("markdown", """## A tool in five lines
+
+A tool is a plain function with type hints and a docstring; its JSON schema goes into the prompt. Here we
+write the agent's turn by hand: a call, then the end of the turn."""),
+    ("code", """def word_length(word: str) -> int:
+    \"\"\"Count the letters of a word.
+
+    Args:
+        word: the word to measure
+    \"\"\"
+    return len(word)
+
+
+env = gym.make("LanguageModelEnv-v0", model=MODEL, tools=[word_length], max_new_tokens=64, max_prompt_tokens=512,
+               multi_turn={"max_turns": 2, "context_tokens": 800}, reward=lambda prompts, responses: [0.0])
+tokenizer = env.unwrapped.tokenizer
+obs, _ = env.reset(seed=0, options={"prompt": "How long is the word 'gymnasium'?"})
+turn = '<tool_call>{"name": "word_length", "arguments": {"word": "gymnasium"}}</tool_call>'
+for token in tokenizer(turn, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]:
+    obs, reward, terminated, truncated, info = env.step(token)
+for entry in info["turns"]:
+    print(entry)
+inserted = (obs["attention_mask"] == 1) & (obs["agent_mask"] == 0)
+print("the env inserted:", repr(tokenizer.decode(obs["input_ids"][inserted][-20:])))
+print("agent ids in the context:", int(obs["agent_mask"].sum()))"""),
+    ("markdown", """## The calculator task, trained with GRPO
+
+`task="calculator"` gives 3-digit multiplications, a `calculator` tool, and a checker of the final answer.
+GRPO samples a group of episodes per problem and pushes the policy towards the better ones of each group."""),
+    ("code", """task = make_task("calculator")
+env = SB3VecEnv(4, group_size=2, model=MODEL, task="calculator", max_new_tokens=8, max_prompt_tokens=512,
+                multi_turn={"max_turns": 2, "context_tokens": 800})
+agent = GRPO(env=env, n_steps=16, batch_size=256, n_epochs=1, learning_rate=1e-3, seed=0,
+             policy_kwargs={"model": MODEL})
+rewards = []
+for iteration in range(3):
+    agent.learn(16 * 4, reset_num_timesteps=False)
+    rewards.append(agent.logger.name_to_value.get("rollout/reward_mean", float("nan")))
+plt.plot(rewards, marker="o")
+plt.xlabel("iteration")
+plt.ylabel("mean episode reward")
+plt.show()"""),
+    ("markdown", """## Held-out accuracy and one episode's turns
+
+`evaluate_tool_task` plays each held-out problem as one greedy episode with the task's tools and reports
+accuracy, how often a tool was called, and how many calls were valid, each with a 95% interval."""),
+    ("code", """policy_lm = agent.actor_critic.lm  # the trained LM (the env's own LM is the reference)
+result = evaluate_tool_task(policy_lm, env.tokenizer, task, problems=4, max_new_tokens=8, max_turns=2)
+print("accuracy", result["accuracy"])
+print("called a tool", result["called"])
+for entry in result["episodes"][0]["turns"]:
+    print(f"[{entry['role']}] {entry['text'][:100]!r}")"""),
+]
+
 
 def write(name: str, cells: list) -> None:
     """Write one notebook (nbformat 4, no outputs)."""
@@ -165,3 +240,4 @@ def write(name: str, cells: list) -> None:
 if __name__ == "__main__":
     write("01_quickstart.ipynb", QUICKSTART)
     write("02_human_feedback.ipynb", HUMAN_FEEDBACK)
+    write("03_tools.ipynb", TOOLS)

@@ -11,6 +11,8 @@ Each is an optional extra, imported on its own (nothing here is imported eagerly
   envs, the allowed-token mask under ``obs.mask``.
 - :mod:`lm_gym.integrations.textarena` (``pip install lm-gym[textarena]``): TextArena's single-player games as
   the other party of multi-turn episodes.
+- :mod:`lm_gym.integrations.openenv` (``pip install lm-gym[openenv]``): an OpenEnv environment, played through
+  its client's ``reset``/``step``, as the other party of multi-turn episodes.
 
 The SB3 ``VecEnv`` is :class:`lm_gym.sb3.SB3VecEnv`.
 """

@@ -11,6 +11,9 @@ In three lines::
     task = lm_gym.tasks.make_task("reasoning-gym:leg_counting")        # pip install lm-gym[reasoning]
     accuracy = lm_gym.tasks.evaluate_task(model, tokenizer, task)      # held out, with 95% intervals
 
+A task with ``tools`` (``"calculator"``) is played as multi-turn episodes in which the env runs the agent's
+tool calls; :func:`evaluate_tool_task` measures its accuracy and tool use the same way.
+
 Built in (:mod:`lm_gym.tasks.builtin`): ``"addition"`` (two 2-digit numbers) and ``"multiplication"`` (2 digits
 times 1), answered with a number, which the default model solves 5-60% of the time before training, and
 ``"reverse"`` (a 3-4 letter string, in ``<answer>`` tags), which it never does; ``"calculator"`` (3-digit
@@ -24,6 +27,7 @@ from lm_gym.tasks.answers import ANSWER_FORMAT, extract_answer, numbers_equal, p
 from lm_gym.tasks.base import Problem, Task, TaskReward
 from lm_gym.tasks.builtin import Addition, Arithmetic, Multiplication, Reverse
 from lm_gym.tasks.evaluation import TaskAccuracy, evaluate_task, wilson_interval
+from lm_gym.tasks.tool_evaluation import evaluate_tool_task
 from lm_gym.tasks.tool_tasks import CalculatorArithmetic, calculator
 
 BUILT_IN = {"addition": Addition, "multiplication": Multiplication, "reverse": Reverse,
@@ -54,6 +58,6 @@ def make_task(task, **options) -> Task:
 __all__ = [
     "ANSWER_FORMAT", "Addition", "Arithmetic", "BUILT_IN", "CalculatorArithmetic", "Multiplication", "Problem", "Reverse", "TRAIN_PROBLEMS",
     "Task", "TaskAccuracy",
-    "TaskReward", "calculator", "evaluate_task", "extract_answer", "make_task", "numbers_equal", "parse_number",
+    "TaskReward", "calculator", "evaluate_task", "evaluate_tool_task", "extract_answer", "make_task", "numbers_equal", "parse_number",
     "wilson_interval",
 ]
