@@ -1,10 +1,10 @@
 """Agent tokens per second in tool-using episodes against the same episodes without tools, side by side.
 
 Both envs are ``LanguageModelVectorEnv(N)`` on the ``calculator`` task's prompts (the tool env's system text
-in both, so the contexts match) and play the same scripted agent: every row writes a preamble of its own
-length (so rows fall out of step, as sampled ones do), a calculator call, and a short answer. With tools the
-call ends a turn and the env inserts the result's turn (one batched forward of the new ids of the rows that
-called); without tools the same ids are one turn. Each env is timed alone, and again with a policy acting
+in both, so the contexts match) and play the same scripted agent, the same ids in both: every row writes a
+preamble of its own length (so rows fall out of step, as sampled ones do), a calculator call, and a short
+answer. With tools the call's closing tag ends a turn and the env inserts the result's turn (one batched
+forward of the new ids of the rows that called); without tools the same ids are one turn. Each env is timed alone, and again with a policy acting
 on every observation through the rollout cache (the agent's side of an LMPPO rollout), all in one run, with
 the weight-streaming bound of an N-row decode step in the precision measured.
 
@@ -32,12 +32,12 @@ PREAMBLE = " Let me use the calculator for this one, step by step."
 
 
 class ScriptedAgent:
-    """Per row: a preamble of a random number of tokens, the call, (a turn end with tools), the answer, EOS."""
+    """Per row: a preamble of a random number of tokens, the call, the answer, EOS."""
 
-    def __init__(self, tokenizer, num_rows: int, with_tools: bool, seed: int = 0):
+    def __init__(self, tokenizer, num_rows: int, seed: int = 0):
         encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-        self.eos, self.preamble = tokenizer.eos_token_id, encode(PREAMBLE)
-        self.body = encode(CALL) + ([self.eos] if with_tools else []) + encode(ANSWER) + [self.eos]
+        self.preamble = encode(PREAMBLE)
+        self.body = encode(CALL) + encode(ANSWER) + [tokenizer.eos_token_id]
         self.rng = np.random.default_rng(seed)
         self.scripts = [self._script() for _ in range(num_rows)]
         self.positions = [0] * num_rows
@@ -67,10 +67,10 @@ def make_env(model, tokenizer, num_envs: int, with_tools: bool, system_text: str
 
 
 @torch.no_grad()
-def agent_rate(env, tokenizer, with_tools: bool, steps: int, policy=None) -> tuple[float, int]:
+def agent_rate(env, tokenizer, steps: int, policy=None) -> tuple[float, int]:
     """Agent tokens per second over ``steps`` steps of every row (every step takes one agent token per row),
     and the number of tool results inserted."""
-    agent, cache = ScriptedAgent(tokenizer, env.num_envs, with_tools), RolloutCache()
+    agent, cache = ScriptedAgent(tokenizer, env.num_envs), RolloutCache()
     obs, _ = env.reset(seed=0)
     inserted = 0
     started = time.perf_counter()
@@ -91,12 +91,11 @@ def measure(model, tokenizer, args) -> dict:
     system_text = tool_env.episodes.party.system_text()
     plain_env = make_env(model, tokenizer, args.num_envs, False, system_text)
     rows = {}
-    for name, env, with_tools in (("without tools", plain_env, False), ("with tools", tool_env, True)):
-        rows[name] = (agent_rate(env, tokenizer, with_tools, args.steps),
-                      agent_rate(env, tokenizer, with_tools, args.steps, policy=model))
+    for name, env in (("without tools", plain_env), ("with tools", tool_env)):
+        rows[name] = agent_rate(env, tokenizer, args.steps), agent_rate(env, tokenizer, args.steps, policy=model)
         env.close()
-    context = float(np.mean([len(tokenizer(p).input_ids) for p in [system_text or ""]]))
-    return {"rows": rows, "bound": decode_bounds(model, args.num_envs, 256)[0], "system_tokens": context}
+    return {"rows": rows, "bound": decode_bounds(model, args.num_envs, 256)[0],
+            "system_tokens": len(tokenizer(system_text or "").input_ids)}
 
 
 def main() -> None:
@@ -112,7 +111,7 @@ def main() -> None:
         model.requires_grad_(False)
         result = measure(model, tokenizer, args)
         print(f"\n{precision}, model {args.model}, N = {args.num_envs}, {args.steps} steps per variant, tool "
-              f"instructions {result['system_tokens']:.0f} tokens in every prompt; weight-streaming bound of an "
+              f"instructions {result['system_tokens']} tokens in every prompt; weight-streaming bound of an "
               f"N-row decode step {result['bound']:.0f} tokens/s\n")
         print("| episodes | env alone: agent tok/s | tool results inserted | env + acting policy: agent tok/s "
               "| env alone / bound |")

@@ -94,6 +94,7 @@ class TokenEpisodes:
         self._markers: dict[str, TurnMarkers] = {}
         if party is not None:
             party.bind(self.tokenizer, self.use_chat_template)
+        self._turn_end = self._tokens_that_may_end(party.turn_end_text) if party and party.turn_end_text else None
         self.allowed = allowed_mask(config.allowed_token_ids, self.vocab_size)
         self.ref_logprobs = torch.zeros(num_rows, self.obs_length, device=self.device)
         self.chosen = torch.zeros(num_rows, self.obs_length, dtype=torch.bool, device=self.device)  # agent's ids
@@ -119,6 +120,14 @@ class TokenEpisodes:
         reward.bind(reference)
         stop_token_ids = resolve_stop_tokens(tokenizer, model, config.stop_token_ids)
         return cls(config, num_rows, reference, load_prompts(prompts), reward, stop_token_ids, make_party(config))
+
+    def _tokens_that_may_end(self, text: str) -> torch.Tensor:
+        """(V,) True on the tokens whose text holds the last character of ``text``: only a step that takes one
+        of them can complete it, so only those steps decode the turn's tail."""
+        pieces = self.tokenizer.batch_decode([[token] for token in range(len(self.tokenizer))])
+        may_end = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        may_end[: len(pieces)] = torch.tensor([text[-1] in piece for piece in pieces], dtype=torch.bool)
+        return may_end
 
     def markers(self, role: str) -> TurnMarkers:
         """The ids around a turn of ``role`` between two of the agent's (derived once per role)."""
@@ -187,6 +196,8 @@ class TokenEpisodes:
         turn_over = active & (stop | limit)
         # Multi-turn, a turn's last token is run too: the next turn's ids then extend the row's KV history.
         batch.append(actions, record=active, forward=active if self.multi_turn else active & ~turn_over)
+        if self._turn_end is not None:  # a completed tool call is answered at once
+            turn_over |= self._turns_ending_with(active & ~turn_over & self._turn_end[actions])
         reward = torch.zeros(batch.num_rows, device=self.device)
         terminated = active & stop if not self.multi_turn else torch.zeros_like(active)
         truncated = turn_over & ~stop if not self.multi_turn else torch.zeros_like(active)
@@ -340,6 +351,16 @@ class TokenEpisodes:
 
     def _cut_marker(self, count: int) -> list[int]:
         return self.tokenizer(f" [... {count} tokens cut]", add_special_tokens=False).input_ids
+
+    def _turns_ending_with(self, candidates: torch.Tensor) -> torch.Tensor:
+        """(N,) True on the ``candidates`` rows whose agent turn so far ends with the party's ``turn_end_text``."""
+        text = self.party.turn_end_text
+        width = len(self.tokenizer(text, add_special_tokens=False).input_ids) + 2  # tokens enough to spell it
+        ending = torch.zeros_like(candidates)
+        for row in candidates.nonzero().squeeze(1).tolist():
+            start = max(int(self.turn_start[row]), int(self.batch.lengths[row]) - width)
+            ending[row] = self.tokenizer.decode(self.batch.row_tokens(row, start)).endswith(text)
+        return ending
 
     def _agent_turns(self, row: int) -> int:
         return sum(turn["role"] == "assistant" for turn in self.turns[row])

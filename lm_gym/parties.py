@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lm_gym.tool_format import ToolFormat
+from lm_gym.tool_format import ToolFormat, call_example
 from lm_gym.tools import ToolResult, Toolbox
 
 
@@ -43,9 +43,12 @@ class OtherParty:
     row of an env, by row index.
 
     ``role`` is the chat role of its turns. :meth:`system_text` and :meth:`template_tools` shape the prompt.
+    ``turn_end_text``, when set, ends an agent turn as soon as its text ends with it (a tool call's closing
+    tag), as a stop token does.
     """
 
     role = "user"
+    turn_end_text: str | None = None
 
     def bind(self, tokenizer, use_chat_template: bool) -> None:
         """Called once by the env with its tokenizer, before any episode."""
@@ -72,9 +75,9 @@ class OtherParty:
 
 
 class ToolParty(OtherParty):
-    """Tools as the other party: an agent turn with tool calls gets their results back (reward 0, the
-    episode goes on); a turn without any is the final answer, which ends the episode and which the env's
-    reward scores.
+    """Tools as the other party: an agent turn ends when it completes a tool call (or at a stop token) and
+    gets the results of its calls back (reward 0, the episode goes on); a turn without any is the final
+    answer, which ends the episode and which the env's reward scores.
 
     :param toolbox: the tools (:class:`lm_gym.tools.Toolbox`).
     :param max_calls: calls per episode; those past it are not run, and their result says so.
@@ -91,6 +94,7 @@ class ToolParty(OtherParty):
 
     def bind(self, tokenizer, use_chat_template: bool) -> None:
         self.format = ToolFormat(tokenizer, self.toolbox.schemas, use_chat_template)
+        self.turn_end_text = self.format.call_end
 
     def start(self, row: int, rng: np.random.Generator):
         self.calls[row] = 0
@@ -109,8 +113,8 @@ class ToolParty(OtherParty):
 
     def _run(self, row: int, call) -> ToolResult:
         if call is None:
-            return ToolResult(None, "error: malformed tool call; write "
-                              '<tool_call>{"name": "TOOL", "arguments": {...}}</tool_call>', "malformed")
+            return ToolResult(None, f"error: malformed tool call; write {call_example(self.toolbox.schemas)}",
+                              "malformed")
         self.calls[row] = self.calls.get(row, 0) + 1
         if self.calls[row] > self.max_calls:
             return ToolResult(call, f"error: no more than {self.max_calls} tool calls per episode", "call_limit")

@@ -8,6 +8,9 @@ tools in the prompt and renders results as ``tool`` messages; calls are read wit
   ``<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>``;
 - each result comes back as a ``tool`` turn holding ``<tool_response>TEXT</tool_response>``.
 
+An agent turn ends as soon as its text completes a call (``call_end``: ``</tool_call>``, in the default format
+and in templates that use that tag), as a stop token ends it; the env closes the turn and runs the call.
+
 The agent's own tokens are never re-encoded: only the result turns are, and the env inserts their ids after
 the agent's (:mod:`lm_gym.parties`).
 """
@@ -20,24 +23,38 @@ import re
 from lm_gym.chat import has_chat_template
 from lm_gym.tools import ToolCall
 
+CALL_END = "</tool_call>"
 CALL_PATTERN = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
 DEFAULT_INSTRUCTIONS = (
     "You can call these tools, described as JSON schemas:\n{schemas}\n"
-    'To call one, write <tool_call>{{"name": "TOOL", "arguments": {{...}}}}</tool_call> and end your turn; '
-    "its result comes back as <tool_response>...</tool_response>. When you have the answer, reply without a tool call."
+    "To call one, write its name and arguments as JSON, for example {example}; its result comes back as "
+    "<tool_response>...</tool_response>. When you have the answer, reply without a tool call."
 )
+
+
+def template_source(tokenizer) -> str:
+    """The text of the tokenizer's chat template(s) ("" without one)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return template if isinstance(template, str) else " ".join(template.values())
 
 
 def template_takes_tools(tokenizer) -> bool:
     """Whether the tokenizer's chat template renders ``tools=`` itself."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    source = template if isinstance(template, str) else " ".join(template.values())
-    return "tools" in source
+    return "tools" in template_source(tokenizer)
 
 
 def tools_instructions(schemas: list[dict]) -> str:
     """The default format's system text: the tools' schemas and how to call them."""
-    return DEFAULT_INSTRUCTIONS.format(schemas="\n".join(json.dumps(schema) for schema in schemas))
+    return DEFAULT_INSTRUCTIONS.format(schemas="\n".join(json.dumps(schema) for schema in schemas),
+                                       example=call_example(schemas))
+
+
+def call_example(schemas: list[dict]) -> str:
+    """A call of the first tool in the default format, its arguments as ``...``: the format shown with a real
+    tool's name (small models copy a placeholder name such as ``TOOL`` verbatim)."""
+    function = schemas[0]["function"]
+    arguments = {name: "..." for name in function.get("parameters", {}).get("properties", {})}
+    return f"<tool_call>{json.dumps({'name': function['name'], 'arguments': arguments})}{CALL_END}"
 
 
 def parse_default_calls(text: str) -> list[ToolCall | None]:
@@ -69,6 +86,7 @@ class ToolFormat:
     def __init__(self, tokenizer, schemas: list[dict], use_chat_template: bool):
         self.tokenizer, self.schemas = tokenizer, schemas
         self.native = use_chat_template and has_chat_template(tokenizer) and template_takes_tools(tokenizer)
+        self.call_end = CALL_END if not self.native or CALL_END in template_source(tokenizer) else None
 
     def system_text(self) -> str | None:
         """Text the prompt's system message carries: the default format's instructions (None when the

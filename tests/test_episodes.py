@@ -13,14 +13,21 @@ def random_context(rng, vocab):
     return [rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))]
 
 
+def prefilled_batch(tiny, rows: int, max_tokens: int, seed: int):
+    """An episode batch of ``rows`` random contexts, with the seeded RNG that drew them and their token lists."""
+    model, tokenizer = tiny
+    batch = EpisodeBatch(model, rows, max_tokens, tokenizer.pad_token_id)
+    rng = random.Random(seed)
+    sequences = [random_context(rng, len(tokenizer)) for _ in range(rows)]
+    batch.prefill(range(rows), sequences)
+    return batch, rng, sequences
+
+
 def test_rows_match_full_forwards_through_resets_and_compaction(tiny):
     model, tokenizer = tiny
     vocab = len(tokenizer)
     rows, max_tokens = 4, 20
-    batch = EpisodeBatch(model, rows, max_tokens, tokenizer.pad_token_id)
-    rng = random.Random(0)
-    sequences = [random_context(rng, vocab) for _ in range(rows)]
-    batch.prefill(range(rows), sequences)
+    batch, rng, sequences = prefilled_batch(tiny, rows, max_tokens, seed=0)
     worst, resets = 0.0, 0
     for _ in range(200):
         tokens = torch.tensor([rng.randrange(vocab) for _ in range(rows)])
@@ -89,10 +96,7 @@ def test_extended_rows_match_full_forwards_while_the_others_keep_decoding(tiny):
     model, tokenizer = tiny
     vocab = len(tokenizer)
     rows, max_tokens = 5, 48
-    batch = EpisodeBatch(model, rows, max_tokens, tokenizer.pad_token_id)
-    rng = random.Random(1)
-    sequences = [random_context(rng, vocab) for _ in range(rows)]
-    batch.prefill(range(rows), sequences)
+    batch, rng, sequences = prefilled_batch(tiny, rows, max_tokens, seed=1)
     worst, extended = 0.0, 0
     for _ in range(150):
         tokens = torch.tensor([rng.randrange(vocab) for _ in range(rows)])
@@ -112,7 +116,8 @@ def test_extended_rows_match_full_forwards_while_the_others_keep_decoding(tiny):
             extended += len(growing)
         for row, ids in zip(growing, additions):
             sequences[row] += ids
-        full = [row for row in range(rows) if len(sequences[row]) + 1 >= max_tokens or paused[row] and row not in growing]
+        full = [row for row in range(rows)
+                if len(sequences[row]) + 1 >= max_tokens or paused[row] and row not in growing]
         if full:
             fresh = [random_context(rng, vocab) for _ in full]
             batch.prefill(full, fresh)

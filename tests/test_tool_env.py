@@ -68,10 +68,12 @@ def test_a_tool_call_gets_its_result_then_the_final_answer_is_scored(tiny):
     env = tool_env(tiny)
     obs, _ = env.reset(seed=0)
     assert "You can call these tools" in env.tokenizer.decode(observed_tokens(obs))
-    obs, reward, terminated, truncated, info = say(env, CALL.format(name="add", arguments='{"a": 2, "b": 3}'))
+    call = CALL.format(name="add", arguments='{"a": 2, "b": 3}')
+    obs, reward, terminated, truncated, info = say(env, call, stop=False)  # the call's closing tag ends the turn
     assert (reward, terminated, truncated) == (0.0, False, False) and info["turn_ended"]
     context = env.tokenizer.decode(observed_tokens(obs))
-    assert context.endswith("<|im_start|>tool\n<tool_response>5</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert context.endswith(f"{call}<|im_end|>\n<|im_start|>tool\n<tool_response>5</tool_response><|im_end|>\n"
+                            "<|im_start|>assistant\n")
     obs, reward, terminated, truncated, info = say(env, "5")
     assert (reward, terminated, truncated) == (1.0, True, False)
     agent, tool, final = info["turns"][1:]
@@ -91,7 +93,7 @@ def test_a_tool_call_gets_its_result_then_the_final_answer_is_scored(tiny):
 def test_a_failed_call_is_an_error_result_and_the_episode_goes_on(tiny, text, error):
     env = tool_env(tiny)
     env.reset(seed=0)
-    obs, reward, terminated, truncated, info = say(env, text)
+    obs, reward, terminated, truncated, info = say(env, text, stop=False)
     assert not (terminated or truncated)
     assert info["turns"][1]["tool_errors"] == {error: 1}
     assert info["turns"][2]["text"].startswith("<tool_response>error: ")
@@ -99,11 +101,22 @@ def test_a_failed_call_is_an_error_result_and_the_episode_goes_on(tiny, text, er
 
 
 def test_calls_past_the_limit_are_not_run(tiny):
-    env = tool_env(tiny)
+    env = tool_env(tiny, multi_turn=dict(max_turns=5, context_tokens=1800, max_reply_tokens=100, max_tool_calls=3))
     env.reset(seed=0)
     call = CALL.format(name="add", arguments='{"a": 1, "b": 1}')
-    info = say(env, call * 4)[-1]  # four calls in one turn; the limit is three
-    assert [c["error"] for c in info["turns"][1]["tool_calls"]] == [None, None, None, "call_limit"]
+    for _ in range(4):  # four calls, one a turn; the limit is three
+        info = say(env, call, stop=False)[-1]
+    errors = [c["error"] for turn in info["turns"] for c in turn.get("tool_calls", [])]
+    assert errors == [None, None, None, "call_limit"]
+
+
+def test_a_turn_without_a_complete_call_ends_at_the_stop_token(tiny):
+    env = tool_env(tiny)
+    env.reset(seed=0)
+    _, _, terminated, _, info = say(env, '<tool_call>{"name": "add"', stop=False)
+    assert not info.get("turn_ended")  # an unclosed call leaves the turn open
+    _, _, terminated, _, info = say(env, " and more")
+    assert info["turn_ended"] and info["turns"][1]["tool_errors"] == {"malformed": 1} and not terminated
 
 
 def test_a_result_too_long_for_its_turn_is_cut_visibly_and_counted(tiny):
@@ -117,7 +130,7 @@ def test_a_result_too_long_for_its_turn_is_cut_visibly_and_counted(tiny):
 
     env = tool_env(tiny, tools=[echo])
     env.reset(seed=0)
-    info = say(env, CALL.format(name="echo", arguments='{"text": "ab"}'))[-1]
+    info = say(env, CALL.format(name="echo", arguments='{"text": "ab"}'), stop=False)[-1]
     tool = info["turns"][2]
     assert tool["cut_tokens"] > 0 and "tokens cut]" in tool["text"]
     assert len(env.tokenizer(tool["text"], add_special_tokens=False).input_ids) <= 100
@@ -126,7 +139,7 @@ def test_a_result_too_long_for_its_turn_is_cut_visibly_and_counted(tiny):
 def test_the_last_turn_ends_the_episode_with_its_calls_unrun(tiny):
     env = tool_env(tiny, multi_turn=dict(max_turns=1, context_tokens=1800))
     env.reset(seed=0)
-    _, reward, terminated, truncated, info = say(env, CALL.format(name="add", arguments='{"a": 2, "b": 3}'))
+    _, reward, terminated, truncated, info = say(env, CALL.format(name="add", arguments='{"a": 2, "b": 3}'), stop=False)
     assert truncated and not terminated and reward == 0.0
     assert info["turns"][1]["unrun_calls"] == 1
 
@@ -175,12 +188,12 @@ def test_vector_env_rows_take_tool_turns_side_by_side(tiny):
     envs.reset(seed=0)
     call = tokenizer(CALL.format(name="add", arguments='{"a": 2, "b": 3}'), add_special_tokens=False).input_ids
     chatter = tokenizer(" hello there", add_special_tokens=False).input_ids
-    for step, token in enumerate(call + [tokenizer.eos_token_id]):
+    for step, token in enumerate(call):
         other = chatter[step % len(chatter)]  # row 1 keeps writing while row 0 calls the tool
         obs, rewards, terminated, truncated, infos = envs.step(np.array([token, other]))
     assert infos["turn_ended"][0] and not infos["_turn_ended"][1]
     row0 = tokenizer.decode(obs["input_ids"][0][obs["attention_mask"][0] == 1])
     assert row0.endswith("<tool_response>5</tool_response><|im_end|>\n<|im_start|>assistant\n")
     assert envs.single_observation_space["agent_mask"].shape == obs["agent_mask"][0].shape
-    assert obs["agent_mask"].sum(axis=1).tolist() == [len(call) + 1, len(call) + 1]  # the actions, nothing inserted
+    assert obs["agent_mask"].sum(axis=1).tolist() == [len(call), len(call)]  # the actions, nothing inserted
 

@@ -170,7 +170,7 @@ MODEL = "tiny"  # "default" for SmolLM2-135M-Instruct"""),
     ("markdown", """## A tool in five lines
 
 A tool is a plain function with type hints and a docstring; its JSON schema goes into the prompt. Here we
-write the agent's turn by hand: a call, then the end of the turn."""),
+write the agent's turn by hand: its call's closing tag ends the turn, and the env answers with the result."""),
     ("code", """def word_length(word: str) -> int:
     \"\"\"Count the letters of a word.
 
@@ -185,7 +185,7 @@ env = gym.make("LanguageModelEnv-v0", model=MODEL, tools=[word_length], max_new_
 tokenizer = env.unwrapped.tokenizer
 obs, _ = env.reset(seed=0, options={"prompt": "How long is the word 'gymnasium'?"})
 turn = '<tool_call>{"name": "word_length", "arguments": {"word": "gymnasium"}}</tool_call>'
-for token in tokenizer(turn, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]:
+for token in tokenizer(turn, add_special_tokens=False).input_ids:
     obs, reward, terminated, truncated, info = env.step(token)
 for entry in info["turns"]:
     print(entry)

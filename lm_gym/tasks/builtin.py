@@ -76,7 +76,11 @@ class Arithmetic(SampledTask):
             a, b = b, a
         key = f"{a}{self.operation}{b}"
         answer = self.OPERATIONS[self.operation](a, b)
-        return key, Problem(f"What is {a} {self.operation} {b}? {self.instruction}", str(answer))
+        return key, Problem(self.prompt(f"{a} {self.operation} {b}"), str(answer))
+
+    def prompt(self, expression: str) -> str:
+        """The question about ``expression`` ("47 + 38"), with the task's instruction."""
+        return f"What is {expression}? {self.instruction}"
 
     def extract_answer(self, response):
         return last_number(response)

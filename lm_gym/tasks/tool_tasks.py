@@ -8,6 +8,7 @@ the result back, and the final answer, the last number of the first turn without
 from __future__ import annotations
 
 import ast
+import json
 import operator
 
 from lm_gym.tasks.builtin import Arithmetic
@@ -48,10 +49,23 @@ def _evaluate(node):
 
 
 class CalculatorArithmetic(Arithmetic):
-    """"What is 347 * 829?" with a ``calculator`` tool: ``digits`` operand sizes (default 3 by 3)."""
+    """"What is 347 * 829?" with a ``calculator`` tool: ``digits`` operand sizes (default 3 by 3).
+
+    The prompt ends with the call to write (``spell_call``, the default): SmolLM2-135M-Instruct never calls a
+    tool from its schema and instructions alone (0 of 64 sampled episodes), but copies a call it is shown
+    in 94% of greedy episodes; what it must learn is to write the call, end its turn, and answer with the
+    result. With ``spell_call=False`` the prompt only asks for the tool.
+    """
 
     tools = (calculator,)
     instruction = "Use the calculator tool, then answer with a number."
 
-    def __init__(self, operation: str = "*", digits: tuple[int, int] = (3, 3), seed: int = 0):
+    def __init__(self, operation: str = "*", digits: tuple[int, int] = (3, 3), seed: int = 0, spell_call: bool = True):
         super().__init__(operation, digits, seed, "calculator")
+        self.spell_call = spell_call
+
+    def prompt(self, expression: str) -> str:
+        if not self.spell_call:
+            return super().prompt(expression)
+        call = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+        return f"What is {expression}? To use the calculator, write <tool_call>{call}</tool_call>"
