@@ -196,10 +196,6 @@ class TrainingData:
     reward: Callable[[], object]
     tools: tuple = ()
 
-    def turns(self, config: TrainConfig) -> int:
-        """Agent turns per episode: ``config.max_turns`` with tools, else 1."""
-        return config.max_turns if self.tools else 1
-
 
 def training_data(config: TrainConfig) -> TrainingData:
     """The configured task's problems and checker (:mod:`lm_gym.tasks`; ``eval_prompts`` held-out problems),

@@ -95,6 +95,8 @@ class TokenEpisodes:
         if party is not None:
             party.bind(self.tokenizer, self.use_chat_template)
         self._turn_end = self._tokens_that_may_end(party.turn_end_text) if party and party.turn_end_text else None
+        if self._turn_end is not None:  # the tail a step decodes: tokens enough to spell the text
+            self._turn_end_width = len(self.tokenizer(party.turn_end_text, add_special_tokens=False).input_ids) + 2
         self.allowed = allowed_mask(config.allowed_token_ids, self.vocab_size)
         self.ref_logprobs = torch.zeros(num_rows, self.obs_length, device=self.device)
         self.chosen = torch.zeros(num_rows, self.obs_length, dtype=torch.bool, device=self.device)  # agent's ids
@@ -355,10 +357,9 @@ class TokenEpisodes:
     def _turns_ending_with(self, candidates: torch.Tensor) -> torch.Tensor:
         """(N,) True on the ``candidates`` rows whose agent turn so far ends with the party's ``turn_end_text``."""
         text = self.party.turn_end_text
-        width = len(self.tokenizer(text, add_special_tokens=False).input_ids) + 2  # tokens enough to spell it
         ending = torch.zeros_like(candidates)
         for row in candidates.nonzero().squeeze(1).tolist():
-            start = max(int(self.turn_start[row]), int(self.batch.lengths[row]) - width)
+            start = max(int(self.turn_start[row]), int(self.batch.lengths[row]) - self._turn_end_width)
             ending[row] = self.tokenizer.decode(self.batch.row_tokens(row, start)).endswith(text)
         return ending
 

@@ -4,7 +4,7 @@ and inserts their results, and the task's checker scores the final answer."""
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from lm_gym.config import EnvConfig
 from lm_gym.episode_rules import TokenEpisodes
+from lm_gym.sampling import sample_tokens
 from lm_gym.tasks.base import Task
 from lm_gym.tasks.evaluation import TaskAccuracy
 
@@ -39,36 +40,31 @@ def evaluate_tool_task(model, tokenizer, task: Task, problems: int = 200, max_ne
                        multi_turn=dict(max_turns=max_turns, context_tokens=context_tokens))
     rows = min(batch_size, len(held_out))
     episodes = TokenEpisodes.from_config(config, rows)
-    generator = torch.Generator(device=episodes.device).manual_seed(seed)
     played = []
     for start in tqdm(range(0, len(held_out), rows), desc=f"{task.name} episodes", disable=None, leave=False):
         prompts = [p.prompt for p in held_out[start : start + rows]]
-        played += play_episodes(episodes, prompts, temperature, generator, seed + start)
+        played += play_episodes(episodes, prompts, temperature, seed + start)
     calls = [call for episode in played for call in episode["tool_calls"]]
-    errors: dict[str, int] = {}
-    for call in calls:
-        if call["error"]:
-            errors[call["error"]] = errors.get(call["error"], 0) + 1
+    errors = dict(Counter(call["error"] for call in calls if call["error"]))
     return {"accuracy": TaskAccuracy(sum(e["correct"] for e in played), len(played)),
             "called": TaskAccuracy(sum(bool(e["tool_calls"]) for e in played), len(played)),
             "valid_calls": TaskAccuracy(sum(not call["error"] for call in calls), len(calls)),
             "errors": errors, "episodes": played}
 
 
-def play_episodes(episodes: TokenEpisodes, prompts: list[str], temperature: float, generator: torch.Generator,
-                  seed: int) -> list[dict]:
-    """Play one episode per prompt in the first rows of ``episodes``, the env's LM choosing every token."""
+def play_episodes(episodes: TokenEpisodes, prompts: list[str], temperature: float, seed: int) -> list[dict]:
+    """Play one episode per prompt in the first rows of ``episodes``, the env's LM choosing every token (row i
+    seeded with ``seed + i``)."""
     rows = list(range(len(prompts)))
     episodes.reset_rows(rows, [np.random.default_rng(seed + row) for row in rows], prompts)
+    generators = [torch.Generator(device=episodes.device).manual_seed(seed + row)
+                  for row in range(episodes.batch.num_rows)]
     active = torch.zeros(episodes.batch.num_rows, dtype=torch.bool, device=episodes.device)
     active[rows] = True
     finals: list[dict | None] = [None] * len(prompts)
     while bool(active.any()):
-        logprobs = episodes.batch.next_logprobs
-        if temperature == 0:
-            actions = logprobs.argmax(dim=-1)
-        else:
-            actions = torch.multinomial(torch.softmax(logprobs / temperature, dim=-1), 1, generator=generator)[:, 0]
+        actions, _ = sample_tokens(episodes.batch.next_logprobs, temperature, greedy=temperature == 0,
+                                   generators=generators)
         result = episodes.step(actions, active)
         for row in (active & (result.terminated | result.truncated)).nonzero().squeeze(1).tolist():
             finals[row] = episode_record(result.turn_ends[row].info())
@@ -79,5 +75,5 @@ def play_episodes(episodes: TokenEpisodes, prompts: list[str], temperature: floa
 def episode_record(info: dict) -> dict:
     """An ended episode's turns, its tool calls, and whether its final answer was correct."""
     calls = [call for turn in info["turns"] for call in turn.get("tool_calls", [])]
-    correct = info["reward_components"].get("correct", math.nan)
-    return {"turns": info["turns"], "tool_calls": calls, "correct": bool(correct == 1.0)}
+    correct = info["reward_components"].get("correct", 0.0) == 1.0  # a turn cut short has no checked answer
+    return {"turns": info["turns"], "tool_calls": calls, "correct": correct}
