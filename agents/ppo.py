@@ -59,6 +59,11 @@ class LMPPO(PPO):
     :param reward_clip: clip normalised rewards to ±this value.
     :param batch_size: tokens per minibatch (whole segments are kept together), over all ranks when
         data-parallel.
+    :param episodes_per_row: if set, a rollout ends as soon as every env row has ended this many episodes (at
+        most ``n_steps`` steps), so that it holds ``episodes_per_row * num_envs`` whole episodes however short
+        they are: with prompt groups, ``num_envs / G`` prompts of G episodes each, the batch that TRL's and
+        verl's GRPO sample. None (default): SB3's rollout of ``n_steps`` steps per row, in which a row starts
+        its next episode as soon as one ends.
     :param minibatches: if set, each epoch takes this many minibatches (optimizer steps) of equal numbers of
         segments instead of ``batch_size`` tokens each, as TRL's ``steps_per_generation`` counts them.
     :param micro_batch_tokens: the most positions (context, response and padding) one training forward takes:
@@ -94,12 +99,15 @@ class LMPPO(PPO):
         kl_horizon: int = 10_000, normalize_reward: bool = True, reward_clip: float = 5.0, critic_warmup: int = 0,
         ptx_coef: float = 0.0, ptx_texts=None, ptx_batch_size: int = 4, ptx_block_tokens: int = 256,
         watchdog_kl: float = 10.0, precision=None, recompute_logprobs: bool | None = None,
-        micro_batch_tokens: int | None = 512, minibatches: int | None = None, **kwargs,
+        micro_batch_tokens: int | None = 512, minibatches: int | None = None, episodes_per_row: int | None = None,
+        **kwargs,
     ):
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens={micro_batch_tokens}: expected a positive count of positions or None")
         if minibatches is not None and minibatches < 1:
             raise ValueError(f"minibatches={minibatches}: expected a positive number of optimizer steps per epoch or None")
+        if episodes_per_row is not None and episodes_per_row < 1:
+            raise ValueError(f"episodes_per_row={episodes_per_row}: expected a positive number of episodes or None")
         if ptx_coef and not ptx_texts:
             raise ValueError(f"ptx_coef={ptx_coef} needs ptx_texts (the text of the pretraining loss)")
         self.kl_controller = KLController(kl_coef, kl_target, kl_horizon)
@@ -110,7 +118,7 @@ class LMPPO(PPO):
         self.ptx_coef, self.ptx_texts = ptx_coef, ptx_texts
         self.ptx_batch_size, self.ptx_block_tokens = ptx_batch_size, ptx_block_tokens
         self.recompute_logprobs, self.micro_batch_tokens = recompute_logprobs, micro_batch_tokens
-        self.minibatches = minibatches
+        self.minibatches, self.episodes_per_row = minibatches, episodes_per_row
         if precision is not None:
             kwargs["policy_kwargs"] = with_precision(kwargs.get("policy_kwargs"), precision)
         with warnings.catch_warnings():  # SB3 checks batch_size against n_steps * n_envs; ours counts tokens
@@ -189,7 +197,8 @@ class LMPPO(PPO):
     # --- rollouts ------------------------------------------------------------------------------------
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
-        """Run ``n_rollout_steps`` steps of every env row and store the tokens as segments."""
+        """Run ``n_rollout_steps`` steps of every env row (fewer with ``episodes_per_row``) and store the tokens as
+        segments."""
         self.policy.set_training_mode(False)
         collector, cache = SegmentCollector(env.num_envs), RolloutCache()
         obs = self._last_obs
@@ -199,7 +208,7 @@ class LMPPO(PPO):
         started, steps = time.perf_counter(), 0
         callback.on_rollout_start()
         with self.actor_critic.precision.autocast(self.device):  # bootstrap values' forwards cast the weights once
-            while steps < n_rollout_steps:
+            while steps < n_rollout_steps and not self._rollout_complete(collector):
                 with torch.no_grad():
                     ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], self.device)
                     logits, values = self.actor_critic.act(ids, mask, cache, values=not self._deferred_values)
@@ -229,6 +238,10 @@ class LMPPO(PPO):
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    def _rollout_complete(self, collector: SegmentCollector) -> bool:
+        """Whether every row has ended ``episodes_per_row`` episodes (never, without it)."""
+        return self.episodes_per_row is not None and min(collector.episodes_ended) >= self.episodes_per_row
 
     def _record(self, collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos) -> None:
         """Add the step's tokens to the open segments; close the ended ones and begin the next. A row that waits
@@ -530,6 +543,7 @@ class LMPPO(PPO):
         self.logger.record("train/kl_coef", self.kl_coef)  # the β this rollout used
         self.logger.record("rollout/kl_per_segment", float(kl.mean()))
         self.logger.record("rollout/response_length", float(lengths.mean()))
+        self.logger.record("rollout/episodes", len(episodes))
         self.logger.record("rollout/eos_rate", float(np.mean([e[1] for e in episodes])) if episodes else 0.0)
         if episodes:
             scores = [e[0] for e in episodes]

@@ -69,6 +69,7 @@ class SegmentCollector:
     def __init__(self, num_envs: int):
         self.open: list[Segment | None] = [None] * num_envs
         self.finished: list[Segment] = []
+        self.episodes_ended = [0] * num_envs  # per row
 
     def begin(self, row: int, context: list[int]) -> None:
         """Open a segment for ``row`` starting from ``context``."""
@@ -99,6 +100,7 @@ class SegmentCollector:
         """Close ``row``'s segment (if it holds tokens) with its bootstrap value."""
         segment = self.open[row]
         self.open[row] = None
+        self.episodes_ended[row] += ended
         if segment is not None and segment.tokens:
             segment.next_value, segment.terminated, segment.ended = next_value, terminated, ended
             segment.reward_components, segment.group = reward_components or {}, group

@@ -73,6 +73,7 @@ class TrainConfig:
     n_epochs: int = 2
     batch_size: int = 128
     minibatches: int | None = None
+    episodes_per_row: int | None = None
     micro_batch_tokens: int = 512
     kl_coef: float = 0.05
     kl_target: float | None = None
@@ -113,6 +114,9 @@ class TrainConfig:
         "batch_size": "tokens per PPO minibatch",
         "minibatches": "optimizer steps per epoch, each on an equal share of the episodes (instead of batch_size "
                        "tokens per minibatch)",
+        "episodes_per_row": "end each rollout once every row has ended this many episodes (1: num_envs / group_size "
+                            "prompts per iteration, however short the responses); default: max_new_tokens steps per "
+                            "row, rows starting new episodes as theirs end",
         "micro_batch_tokens": "most positions (context, response, padding) per training forward: larger minibatches "
                               "accumulate gradients over several forwards (less memory, the same update)",
         "kl_coef": "beta of the per-token KL penalty to the reference model",
@@ -273,7 +277,8 @@ def make_agent(config: TrainConfig, env: SB3VecEnv) -> LMPPO:
     env (the reference)."""
     settings = dict(
         env=env, n_steps=rollout_steps(config, env), batch_size=config.batch_size,
-        micro_batch_tokens=config.micro_batch_tokens, minibatches=config.minibatches, n_epochs=config.n_epochs,
+        micro_batch_tokens=config.micro_batch_tokens, minibatches=config.minibatches,
+        episodes_per_row=config.episodes_per_row, n_epochs=config.n_epochs,
         learning_rate=config.learning_rate, kl_coef=config.kl_coef, seed=config.seed, device=config.device or "auto",
         policy_kwargs=policy_kwargs(config, env),
     )
@@ -363,7 +368,8 @@ def train_iteration(agent: LMPPO, env: SB3VecEnv, config: TrainConfig, iteration
     torch.manual_seed(config.seed * 100_003 + iteration + rank * 1_000_003)
     env.seed(config.seed * 100_003 + iteration * config.num_envs + rank * env.num_envs)
     agent.reset_episodes()
-    agent.learn(total_timesteps=rollout_steps(config, env) * env.num_envs, reset_num_timesteps=False,
+    # total_timesteps=1: one rollout (whatever its length; see episodes_per_row) and its update
+    agent.learn(total_timesteps=1, reset_num_timesteps=False,
                 tb_log_name="lmppo", callback=CallbackList([RefreshRewardCallback(env), ReleaseMemoryCallback()]))
 
 

@@ -8,7 +8,8 @@ pass@k at the end, with 95% Wilson intervals), so the sides differ only in how t
 
 Matched settings: the task's training problems and checker (TRL's side loads ``lm_gym/tasks/answers.py``);
 ``--prompts`` prompts per iteration, each in a group of ``--group-size`` sampled responses (PPO: one response
-per prompt, on ``prompts * group_size`` prompts); responses of at most ``--response-tokens`` tokens at
+per prompt, on ``prompts * group_size`` prompts), and exactly these episodes (lm-gym's rollout ends once every
+row has ended its episode, ``episodes_per_row=1``, as TRL samples one generation batch); responses of at most ``--response-tokens`` tokens at
 temperature 1; ``--epochs`` epochs of ``--minibatches`` optimizer steps, each on an equal share of the
 iteration's responses (lm-gym's GRPO first leaves out groups whose rewards are all equal); clip 0.2;
 gradient norm 1; KL coefficient ``--kl-coef`` (GRPO on both sides: k3 in the loss; RLOO and PPO: k1 in the
@@ -59,7 +60,7 @@ def train_config(args, algo: str) -> TrainConfig:
     return TrainConfig(
         algo=algo, task=args.task, num_envs=args.prompts * args.group_size, group_size=group_size,
         max_new_tokens=args.response_tokens, learning_rate=args.learning_rate, kl_coef=args.kl_coef,
-        n_epochs=args.epochs, minibatches=args.minibatches, system_prompt=None, missing_eos_penalty=0.0,
+        n_epochs=args.epochs, minibatches=args.minibatches, episodes_per_row=1, system_prompt=None, missing_eos_penalty=0.0,
         lora_rank=args.lora_rank, precision="bf16", seed=args.seed, eval_prompts=1,
     )
 
@@ -81,7 +82,7 @@ def train_ours(args, algo: str, out_dir: Path) -> dict:
         elapsed += seconds
         values = agent.logger.name_to_value
         iterations.append({"end_s": elapsed, "iteration_s": seconds, "optimizer_steps": optimizer.steps,
-                           "reward": values.get("rollout/reward_mean", math.nan)})
+                           "episodes": values.get("rollout/episodes"), "reward": values.get("rollout/reward_mean", math.nan)})
         agent.logger.dump()
         if elapsed >= next_checkpoint or elapsed >= args.minutes * 60:
             directory = out_dir / f"{len(checkpoints):02d}"
@@ -135,6 +136,8 @@ def run_side(args, side: str, results: dict, out: Path) -> None:
     for number, checkpoint in enumerate(run["checkpoints"]):
         last = number == len(run["checkpoints"]) - 1
         checkpoint.update(score(args, checkpoint["adapter"], args.samples if last else 0))
+        print(f"{side}: checkpoint {number + 1}/{len(run['checkpoints'])} ({checkpoint['train_s'] / 60:.1f} min) "
+              f"greedy {accuracy(checkpoint).rate:.1%}", flush=True)
     results["sides"][side] = run
 
 
@@ -159,21 +162,31 @@ def report(results: dict) -> str:
         for c in run["checkpoints"]:
             lines.append(f"| {LABELS[side]} | {c['train_s'] / 60:.1f} | {c['iteration']} | {accuracy(c)} | "
                          f"{c['formatted']:.0%} |")
-    lines += ["", f"| side | iterations | s per iteration | optimizer steps per iteration | greedy after | "
-              f"pass@{k} after | greedy gain, points | intervals disjoint |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"| side | iterations | s per iteration | episodes per iteration | optimizer steps per iteration | "
+              f"greedy after | pass@{k} after | greedy gain, points | intervals disjoint |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for side, run in sides.items():
         last, its = run["checkpoints"][-1], run["iterations"]
         steps = [i.get("optimizer_steps", settings["epochs"] * settings["minibatches"]) for i in its]
         gain = accuracy(last).rate - accuracy(base).rate
         disjoint = accuracy(last).interval[0] > accuracy(base).interval[1]
         lines.append(f"| {LABELS[side]} | {len(its)} | {sum(i['iteration_s'] for i in its) / len(its):.1f} | "
-                     f"{sum(steps) / len(steps):.1f} | {accuracy(last)} | {accuracy(last, f'pass@{k}')} | "
+                     f"{episodes_per_iteration(side, its, settings)} | {sum(steps) / len(steps):.1f} | {accuracy(last)} | {accuracy(last, f'pass@{k}')} | "
                      f"{100 * gain:+.1f} | {'yes' if disjoint else 'no'} |")
     if "solved" in base:
         lines += ["", *paired_changes(base, sides)]
     if "grpo" in sides and "trl-grpo" in sides:
         lines += ["", *grpo_against_trl(sides["grpo"], sides["trl-grpo"])]
     return "\n".join(lines)
+
+
+def episodes_per_iteration(side: str, iterations: list[dict], settings: dict) -> str:
+    """The mean number of episodes an iteration trained on: TRL's generation batch, or what lm-gym's rollouts
+    logged (unknown in runs from before they did)."""
+    if side == "trl-grpo":
+        return str(settings["prompts"] * settings["group_size"])
+    counts = [i["episodes"] for i in iterations if i.get("episodes") is not None]
+    return f"{sum(counts) / len(counts):.1f}" if counts else "not recorded"
 
 
 def paired_changes(base: dict, sides: dict) -> list[str]:

@@ -145,6 +145,22 @@ def test_uniform_groups_are_left_out_and_counted(tiny):
     assert all(torch.equal(p, b) for p, b in zip(agent.policy.parameters(), before))
 
 
+@pytest.mark.parametrize("episodes_per_row, steps, episodes", [(None, 12, 32), (1, 3, 8), (2, 6, 16)])
+def test_a_rollout_can_end_once_every_row_has_played_its_episodes(tiny, episodes_per_row, steps, episodes):
+    env = token_env(tiny, num_envs=8, max_new_tokens=3)  # every episode takes 3 steps
+    agent = GRPO(env=env, n_steps=12, episodes_per_row=episodes_per_row, device="cpu", seed=0,
+                 policy_kwargs={"model": "tiny"})
+    agent.learn(total_timesteps=1)  # one rollout and its update
+    assert agent.num_timesteps == steps * 8
+    assert agent.logger.name_to_value["rollout/episodes"] == episodes
+    assert sum(s.ended for s in agent.rollout.segments) == episodes
+
+
+def test_episodes_per_row_must_be_positive(tiny):
+    with pytest.raises(ValueError, match="episodes_per_row=0: expected a positive number"):
+        GRPO(env=token_env(tiny, group_size=2), episodes_per_row=0, device="cpu", policy_kwargs={"model": "tiny"})
+
+
 def test_the_first_rloo_update_is_a_reinforce_step_with_the_leave_one_out_baseline(tiny):
     """One epoch, one minibatch, no KL, every group kept, SGD: the ratio is 1, so the clipped objective's gradient is
     -(1/N) Σ_i A_i Σ_t ∇ log π(a_t), A_i = R_i - the mean of the other episodes of its group, computed here
