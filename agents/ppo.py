@@ -60,10 +60,11 @@ class LMPPO(PPO):
     :param batch_size: tokens per minibatch (whole segments are kept together), over all ranks when
         data-parallel.
     :param episodes_per_row: if set, a rollout ends as soon as every env row has ended this many episodes (at
-        most ``n_steps`` steps), so that it holds ``episodes_per_row * num_envs`` whole episodes however short
-        they are: with prompt groups, ``num_envs / G`` prompts of G episodes each, the batch that TRL's and
-        verl's GRPO sample. None (default): SB3's rollout of ``n_steps`` steps per row, in which a row starts
-        its next episode as soon as one ends.
+        most ``n_steps`` steps) and keeps only those: ``episodes_per_row * num_envs`` whole episodes however
+        short they are (a row that ended its share early plays on while the others finish, and what it plays
+        then is dropped). With prompt groups and 1: ``num_envs / G`` prompts of G episodes each, the batch
+        TRL's and verl's GRPO sample. None (default): SB3's rollout of ``n_steps`` steps per row, in which a
+        row starts its next episode as soon as one ends, and every episode that ends trains.
     :param minibatches: if set, each epoch takes this many minibatches (optimizer steps) of equal numbers of
         segments instead of ``batch_size`` tokens each, as TRL's ``steps_per_generation`` counts them.
     :param micro_batch_tokens: the most positions (context, response and padding) one training forward takes:
@@ -200,7 +201,7 @@ class LMPPO(PPO):
         """Run ``n_rollout_steps`` steps of every env row (fewer with ``episodes_per_row``) and store the tokens as
         segments."""
         self.policy.set_training_mode(False)
-        collector, cache = SegmentCollector(env.num_envs), RolloutCache()
+        collector, cache = SegmentCollector(env.num_envs, self.episodes_per_row), RolloutCache()
         obs = self._last_obs
         allowed = self._allowed_tokens(env)
         for row in range(env.num_envs):

@@ -66,10 +66,11 @@ class Segment:
 class SegmentCollector:
     """Builds segments while a vectorised rollout runs, one open segment per env row."""
 
-    def __init__(self, num_envs: int):
+    def __init__(self, num_envs: int, episodes_per_row: int | None = None):
         self.open: list[Segment | None] = [None] * num_envs
         self.finished: list[Segment] = []
         self.episodes_ended = [0] * num_envs  # per row
+        self.episodes_per_row = episodes_per_row  # if set, a row's segments after this many episodes are dropped
 
     def begin(self, row: int, context: list[int]) -> None:
         """Open a segment for ``row`` starting from ``context``."""
@@ -97,11 +98,13 @@ class SegmentCollector:
 
     def close(self, row: int, next_value: float, terminated: bool = False, ended: bool = False,
               reward_components: dict | None = None, group: int | None = None) -> None:
-        """Close ``row``'s segment (if it holds tokens) with its bootstrap value."""
+        """Close ``row``'s segment (if it holds tokens, and the row has not yet ended ``episodes_per_row``
+        episodes) with its bootstrap value."""
         segment = self.open[row]
         self.open[row] = None
+        over_quota = self.episodes_per_row is not None and self.episodes_ended[row] >= self.episodes_per_row
         self.episodes_ended[row] += ended
-        if segment is not None and segment.tokens:
+        if segment is not None and segment.tokens and not over_quota:
             segment.next_value, segment.terminated, segment.ended = next_value, terminated, ended
             segment.reward_components, segment.group = reward_components or {}, group
             self.finished.append(segment)

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 from sb3_contrib.common.maskable.utils import get_action_masks
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 
 from agents.advantages import group_advantages, returns_to_go, uniform_groups
 from agents.critic_free import GRPO, RLOO, CriticFreePPO, ReinforcePlusPlus
 from agents.kl import k1, k3
+from agents.segments import SegmentCollector
 from lm_gym.logprobs import last_hidden_states, output_logits, token_logprobs
 from lm_gym.sb3 import SB3VecEnv
 
@@ -154,6 +156,37 @@ def test_a_rollout_can_end_once_every_row_has_played_its_episodes(tiny, episodes
     assert agent.num_timesteps == steps * 8
     assert agent.logger.name_to_value["rollout/episodes"] == episodes
     assert sum(s.ended for s in agent.rollout.segments) == episodes
+
+
+class EpisodeEnds(BaseCallback):
+    """Counts the episodes each env row ends during a rollout, kept or not."""
+
+    def _on_step(self) -> bool:
+        self.ends = getattr(self, "ends", 0) + self.locals["dones"].astype(int)
+        return True
+
+
+def test_rows_that_end_early_keep_only_their_first_episode(tiny):
+    model, tokenizer = tiny
+    env = SB3VecEnv(16, group_size=2, model=model, tokenizer=tokenizer, max_new_tokens=8, max_prompt_tokens=64,
+                    allowed_token_ids=ALLOWED + [tokenizer.eos_token_id], reward=fraction_of_target)
+    agent = GRPO(env=env, n_steps=8, episodes_per_row=1, device="cpu", seed=0, policy_kwargs={"model": "tiny"})
+    ends = EpisodeEnds()
+    agent.learn(total_timesteps=1, callback=ends)
+    assert ends.ends.min() >= 1 and ends.ends.max() >= 2  # some groups ended twice while others played on
+    kept = [segment for segment in agent.rollout.segments if segment.ended]
+    assert len(kept) == 16 == agent.logger.name_to_value["rollout/episodes"]
+    assert sorted(np.unique([s.group for s in kept], return_counts=True)[1]) == [2] * 8  # eight whole groups
+
+
+def test_the_collector_drops_what_a_row_plays_after_its_episodes():
+    collector = SegmentCollector(2, episodes_per_row=1)
+    for row, ended in [(0, True), (0, True), (1, True), (0, False)]:  # row 0 ends two episodes, then is cut
+        collector.begin(row, [1])
+        collector.add(row, 5, -1.0, 0.0, -1.0, 0.0, False)
+        collector.close(row, 0.0, ended=ended)
+    assert collector.episodes_ended == [2, 1]
+    assert len(collector.finished) == 2 and all(segment.ended for segment in collector.finished)
 
 
 def test_episodes_per_row_must_be_positive(tiny):
