@@ -9,9 +9,9 @@ pass@k at the end, with 95% Wilson intervals), so the sides differ only in how t
 Matched settings: the task's training problems and checker (TRL's side loads ``lm_gym/tasks/answers.py``);
 ``--prompts`` prompts per iteration, each in a group of ``--group-size`` sampled responses (PPO: one response
 per prompt, on ``prompts * group_size`` prompts), and exactly these episodes (lm-gym's rollout ends once every
-row has ended its episode, ``episodes_per_row=1``, as TRL samples one generation batch); responses of at most ``--response-tokens`` tokens at
-temperature 1; ``--epochs`` epochs of ``--minibatches`` optimizer steps, each on an equal share of the
-iteration's responses (lm-gym's GRPO first leaves out groups whose rewards are all equal); clip 0.2;
+row has ended its episode, ``episodes_per_row=1``, as TRL samples one generation batch); responses of at most
+``--response-tokens`` tokens at temperature 1; ``--epochs`` epochs of ``--minibatches`` optimizer steps, each
+on an equal share of the iteration's responses (lm-gym's GRPO first leaves out groups whose rewards are all equal); clip 0.2;
 gradient norm 1; KL coefficient ``--kl-coef`` (GRPO on both sides: k3 in the loss; RLOO and PPO: k1 in the
 reward); group-normalised advantages and token-level loss normalisation for GRPO (TRL's ``dapo``); a constant
 learning rate; bf16 (lm-gym's bf16 acting copy and LoRA on the bf16 LM; TRL's ``bf16=True``, autocast
@@ -60,8 +60,8 @@ def train_config(args, algo: str) -> TrainConfig:
     return TrainConfig(
         algo=algo, task=args.task, num_envs=args.prompts * args.group_size, group_size=group_size,
         max_new_tokens=args.response_tokens, learning_rate=args.learning_rate, kl_coef=args.kl_coef,
-        n_epochs=args.epochs, minibatches=args.minibatches, episodes_per_row=1, system_prompt=None, missing_eos_penalty=0.0,
-        lora_rank=args.lora_rank, precision="bf16", seed=args.seed, eval_prompts=1,
+        n_epochs=args.epochs, minibatches=args.minibatches, episodes_per_row=1, system_prompt=None,
+        missing_eos_penalty=0.0, lora_rank=args.lora_rank, precision="bf16", seed=args.seed, eval_prompts=1,
     )
 
 
@@ -82,7 +82,8 @@ def train_ours(args, algo: str, out_dir: Path) -> dict:
         elapsed += seconds
         values = agent.logger.name_to_value
         iterations.append({"end_s": elapsed, "iteration_s": seconds, "optimizer_steps": optimizer.steps,
-                           "episodes": values.get("rollout/episodes"), "reward": values.get("rollout/reward_mean", math.nan)})
+                           "episodes": values.get("rollout/episodes"),
+                           "reward": values.get("rollout/reward_mean", math.nan)})
         agent.logger.dump()
         if elapsed >= next_checkpoint or elapsed >= args.minutes * 60:
             directory = out_dir / f"{len(checkpoints):02d}"
@@ -171,7 +172,8 @@ def report(results: dict) -> str:
         gain = accuracy(last).rate - accuracy(base).rate
         disjoint = accuracy(last).interval[0] > accuracy(base).interval[1]
         lines.append(f"| {LABELS[side]} | {len(its)} | {sum(i['iteration_s'] for i in its) / len(its):.1f} | "
-                     f"{episodes_per_iteration(side, its, settings)} | {sum(steps) / len(steps):.1f} | {accuracy(last)} | {accuracy(last, f'pass@{k}')} | "
+                     f"{episodes_per_iteration(side, its, settings)} | {sum(steps) / len(steps):.1f} | "
+                     f"{accuracy(last)} | {accuracy(last, f'pass@{k}')} | "
                      f"{100 * gain:+.1f} | {'yes' if disjoint else 'no'} |")
     if "solved" in base:
         lines += ["", *paired_changes(base, sides)]
