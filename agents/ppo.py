@@ -209,7 +209,7 @@ class LMPPO(PPO):
         started, steps = time.perf_counter(), 0
         callback.on_rollout_start()
         with self.actor_critic.precision.autocast(self.device):  # bootstrap values' forwards cast the weights once
-            while steps < n_rollout_steps and not self._rollout_complete(collector):
+            while steps < n_rollout_steps and not collector.complete:
                 with torch.no_grad():
                     ids, mask = token_batch(obs["input_ids"], obs["attention_mask"], self.device)
                     logits, values = self.actor_critic.act(ids, mask, cache, values=not self._deferred_values)
@@ -239,10 +239,6 @@ class LMPPO(PPO):
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
-
-    def _rollout_complete(self, collector: SegmentCollector) -> bool:
-        """Whether every row has ended ``episodes_per_row`` episodes (never, without it)."""
-        return self.episodes_per_row is not None and min(collector.episodes_ended) >= self.episodes_per_row
 
     def _record(self, collector, obs, new_obs, actions, values, log_probs, rewards, dones, infos) -> None:
         """Add the step's tokens to the open segments; close the ended ones and begin the next. A row that waits

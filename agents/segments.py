@@ -92,6 +92,11 @@ class SegmentCollector:
         segment = self.open[row]
         segment.inserts.append((len(segment.tokens), list(ids)))
 
+    @property
+    def complete(self) -> bool:
+        """Whether every row has ended ``episodes_per_row`` episodes (never, without it)."""
+        return self.episodes_per_row is not None and min(self.episodes_ended) >= self.episodes_per_row
+
     def open_rows(self) -> list[int]:
         """Rows whose open segment holds tokens (the rollout cut their episodes)."""
         return [row for row, segment in enumerate(self.open) if segment is not None and segment.tokens]

@@ -11,11 +11,11 @@ Matched settings: the task's training problems and checker (TRL's side loads ``l
 per prompt, on ``prompts * group_size`` prompts), and exactly these episodes (lm-gym's rollout ends once every
 row has ended its episode, ``episodes_per_row=1``, as TRL samples one generation batch); responses of at most
 ``--response-tokens`` tokens at temperature 1; ``--epochs`` epochs of ``--minibatches`` optimizer steps, each
-on an equal share of the iteration's responses (lm-gym's GRPO first leaves out groups whose rewards are all equal); clip 0.2;
-gradient norm 1; KL coefficient ``--kl-coef`` (GRPO on both sides: k3 in the loss; RLOO and PPO: k1 in the
-reward); group-normalised advantages and token-level loss normalisation for GRPO (TRL's ``dapo``); a constant
-learning rate; bf16 (lm-gym's bf16 acting copy and LoRA on the bf16 LM; TRL's ``bf16=True``, autocast
-over float32 weights). TRL's ``GRPOTrainer`` runs in its own virtual environment
+on an equal share of the iteration's responses (lm-gym's GRPO first leaves out groups whose rewards are all
+equal); clip 0.2; gradient norm 1; KL coefficient ``--kl-coef`` (GRPO on both sides: k3 in the loss; RLOO and
+PPO: k1 in the reward); group-normalised advantages and token-level loss normalisation for GRPO (TRL's
+``dapo``); a constant learning rate; bf16 (lm-gym's bf16 acting copy and LoRA on the bf16 LM; TRL's
+``bf16=True``, autocast over float32 weights). TRL's ``GRPOTrainer`` runs in its own virtual environment
 (``benchmarks/trl_grpo_worker.py``)::
 
     python3 -m venv VENV && VENV/bin/pip install torch==2.13.0 && VENV/bin/pip install trl==1.16.0 peft
@@ -183,8 +183,8 @@ def report(results: dict) -> str:
 
 
 def episodes_per_iteration(side: str, iterations: list[dict], settings: dict) -> str:
-    """The mean number of episodes an iteration trained on: TRL's generation batch, or what lm-gym's rollouts
-    logged (unknown in runs from before they did)."""
+    """The mean number of episodes an iteration sampled (before lm-gym's GRPO leaves out uniform groups): TRL's
+    generation batch, or what lm-gym's rollouts logged (unknown in runs from before they did)."""
     if side == "trl-grpo":
         return str(settings["prompts"] * settings["group_size"])
     counts = [i["episodes"] for i in iterations if i.get("episodes") is not None]

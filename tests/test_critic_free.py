@@ -161,8 +161,12 @@ def test_a_rollout_can_end_once_every_row_has_played_its_episodes(tiny, episodes
 class EpisodeEnds(BaseCallback):
     """Counts the episodes each env row ends during a rollout, kept or not."""
 
+    def __init__(self):
+        super().__init__()
+        self.ends = 0
+
     def _on_step(self) -> bool:
-        self.ends = getattr(self, "ends", 0) + self.locals["dones"].astype(int)
+        self.ends = self.ends + self.locals["dones"].astype(int)
         return True
 
 
